@@ -1,0 +1,189 @@
+"""Attribute schema, bucketing, and the attribute string (SPEC §1). The only place that defines them.
+
+An attribute string is `key:int` pairs joined by `,` with no spaces, in canonical order, e.g.
+`quality:9,toxicity:0,humor:4`. Levels run 0..L-1; the paper uses L = 10, NeMo's scripts L = 5.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from steerlm.errors import UserError
+
+#: Every label an OASST1 message can carry (SPEC §1).
+OASST_LABELS = (
+    "spam",
+    "lang_mismatch",
+    "pii",
+    "not_appropriate",
+    "hate_speech",
+    "sexual_content",
+    "quality",
+    "toxicity",
+    "humor",
+    "creativity",
+    "violence",
+    "helpfulness",
+    "fails_task",
+    "political_content",
+    "moral_judgement",
+)
+
+#: The steerable set in NeMo's canonical order; attribute strings list keys in this order.
+STEERABLE = (
+    "quality",
+    "toxicity",
+    "humor",
+    "creativity",
+    "violence",
+    "helpfulness",
+    "not_appropriate",
+    "hate_speech",
+    "sexual_content",
+    "fails_task",
+    "political_content",
+    "moral_judgement",
+)
+
+#: The set the SteerLM paper trains on (arXiv 2310.05344 §3).
+PAPER = ("quality", "toxicity", "violence", "helpfulness", "creativity", "humor", "not_appropriate")
+
+#: HelpSteer-style attributes, labelled on 0-4.
+HELPSTEER = ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
+
+#: Named sets a config may use instead of listing attributes.
+NAMED_SETS = {"steerable": STEERABLE, "paper": PAPER, "helpsteer": HELPSTEER}
+
+#: Attributes whose desirable value is the top level; every other attribute defaults to 0 at inference
+#: (as in NVIDIA's SteerLM tutorial prompts: quality and helpfulness at max, toxicity, humor, ... at 0).
+MAX_BY_DEFAULT = ("quality", "helpfulness", "correctness", "coherence")
+
+_CANONICAL = STEERABLE + tuple(n for n in HELPSTEER if n not in STEERABLE)
+
+
+def canonical_order(names: Iterable[str]) -> tuple[str, ...]:
+    """Sort attribute names: NeMo's canonical order first, then any others in the order given."""
+    names = list(dict.fromkeys(names))
+    known = sorted((n for n in names if n in _CANONICAL), key=_CANONICAL.index)
+    return tuple(known) + tuple(n for n in names if n not in _CANONICAL)
+
+
+def bucket(value: float, levels: int) -> int:
+    """Map a 0-1 label to an integer level: `round(value * (L - 1))`, Python's half-to-even rounding (SPEC §1)."""
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"label value {value} is outside [0, 1]")
+    return round(value * (levels - 1))
+
+
+@dataclass(frozen=True)
+class AttributeSchema:
+    """Which attributes exist, in which order, and how many levels each has."""
+
+    names: tuple[str, ...] = STEERABLE
+    """Attribute names; stored in canonical order."""
+    levels: int = 10
+    """L: levels run 0..L-1."""
+
+    def __post_init__(self):
+        if isinstance(self.names, str):
+            object.__setattr__(self, "names", NAMED_SETS.get(self.names) or tuple(self.names.split(",")))
+        if not self.names:
+            raise ValueError("an attribute schema needs at least one attribute")
+        for n in self.names:
+            if not n or not n.replace("_", "").isalnum() or not n.islower():
+                raise ValueError(f"attribute name {n!r} must be lower-case letters, digits and '_'")
+        if len(set(self.names)) != len(self.names):
+            raise ValueError(f"attribute names repeat: {list(self.names)}")
+        if not 2 <= self.levels <= 100:
+            raise ValueError(f"levels must be between 2 and 100, not {self.levels}")
+        object.__setattr__(self, "names", canonical_order(self.names))
+
+    @property
+    def max_level(self) -> int:
+        return self.levels - 1
+
+    def bucket(self, value: float) -> int:
+        return bucket(value, self.levels)
+
+    def check(self, name: str, level) -> int:
+        """Validate one (name, level) pair; returns the level as int."""
+        if name not in self.names:
+            raise UserError(f"unknown attribute {name!r}; known: {', '.join(self.names)}", field=name)
+        if isinstance(level, bool) or not isinstance(level, int):
+            if isinstance(level, float) and level.is_integer():
+                level = int(level)
+            else:
+                raise UserError(f"level must be an integer, not {level!r}", field=name)
+        if not 0 <= level <= self.max_level:
+            raise UserError(f"level {level} is out of range 0..{self.max_level}", field=name)
+        return level
+
+    def validate(self, levels: Mapping[str, int]) -> dict[str, int]:
+        """Check a mapping of attribute levels and return it in canonical order."""
+        checked = {name: self.check(name, level) for name, level in levels.items()}
+        return {n: checked[n] for n in self.names if n in checked}
+
+    def render(self, levels: Mapping[str, int]) -> str:
+        """The attribute string for a mapping: canonical order, no spaces. Missing attributes are omitted."""
+        return ",".join(f"{k}:{v}" for k, v in self.validate(levels).items())
+
+    def parse(self, text: str, *, ignore_unknown: bool = False) -> dict[str, int]:
+        """Parse an attribute string strictly; raises UserError on unknown keys (unless `ignore_unknown`),
+        duplicates, non-integers, out-of-range values and malformed pairs."""
+        if text is None or not text.strip():
+            return {}
+        out: dict[str, int] = {}
+        for part in text.strip().split(","):
+            key, sep, value = part.partition(":")
+            if not sep or not key:
+                raise UserError(f"malformed pair {part!r} in attribute string {text!r} (expected key:int)")
+            if key in out:
+                raise UserError(f"duplicate attribute {key!r} in {text!r}", field=key)
+            if key not in self.names:
+                if ignore_unknown:
+                    continue
+                raise UserError(f"unknown attribute {key!r} in {text!r}; known: {', '.join(self.names)}", field=key)
+            if not value.isdigit() or not value.isascii():
+                raise UserError(f"level {value!r} is not a non-negative integer in {text!r}", field=key)
+            out[key] = self.check(key, int(value))
+        return {n: out[n] for n in self.names if n in out}
+
+    def restrict(self, levels: Mapping[str, int]) -> dict[str, int]:
+        """Keep only this schema's attributes (e.g. records labelled with all OASST labels, a model trained on fewer)."""
+        return {n: levels[n] for n in self.names if n in levels}
+
+    def defaults(self) -> dict[str, int]:
+        """Inference defaults for unspecified attributes: the top level for quality/helpfulness/correctness/coherence,
+        the middle for verbosity, 0 for everything else (harmful content, humor, creativity)."""
+        out = {}
+        for n in self.names:
+            if n in MAX_BY_DEFAULT:
+                out[n] = self.max_level
+            elif n == "verbosity":
+                out[n] = self.max_level // 2
+            else:
+                out[n] = 0
+        return out
+
+    def with_defaults(self, levels: Mapping[str, int] | None) -> dict[str, int]:
+        """Requested levels over the defaults, validated, in canonical order."""
+        merged = self.defaults()
+        merged.update(self.validate(levels or {}))
+        return {n: merged[n] for n in self.names}
+
+    def to_dict(self) -> dict:
+        return {"names": list(self.names), "levels": self.levels}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> AttributeSchema:
+        return cls(names=tuple(d["names"]), levels=int(d["levels"]))
+
+
+def parse_assignment(text: str) -> tuple[str, int]:
+    """Parse a command-line `name=level` (as in `--attr humor=7` or `/set humor=8`)."""
+    name, sep, value = text.partition("=")
+    name, value = name.strip(), value.strip()
+    if not sep or not name or not value.lstrip("-").isdigit():
+        raise UserError(f"expected name=level, e.g. humor=7, not {text!r}")
+    return name, int(value)

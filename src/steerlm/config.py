@@ -1,0 +1,313 @@
+"""Typed configs: YAML files plus dotted command-line overrides, checked against dataclasses.
+
+Every stage declares a dataclass with a docstring per field; `load` builds it from a YAML file (or a built-in
+preset) and `--a.b=value` overrides, rejecting unknown keys and wrong types with the key's name. `save` writes
+the resolved config beside a stage's outputs.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import textwrap
+import types
+import typing
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any, get_args, get_origin
+
+import yaml
+
+from steerlm.errors import UserError
+
+
+@dataclasses.dataclass
+class LoraArgs:
+    r: int = 0
+    """LoRA rank; 0 means full fine-tuning."""
+    alpha: int = 32
+    """LoRA scaling numerator (scale = alpha / r)."""
+    dropout: float = 0.05
+    """Dropout on the LoRA path."""
+    target_modules: list[str] = dataclasses.field(default_factory=lambda: ["all-linear"])
+    """Modules to adapt; 'all-linear' adapts every linear layer but the output head (peft's shorthand)."""
+
+    def __post_init__(self):
+        if self.r < 0:
+            raise ValueError(f"lora.r must be >= 0, not {self.r}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.r > 0
+
+
+@dataclasses.dataclass
+class TrainArgs:
+    """Optimisation settings shared by every training stage (APM, SFT, reward model, PPO)."""
+
+    epochs: float = 1.0
+    """Passes over the training data (fractions allowed)."""
+    max_steps: int = 0
+    """Stop after this many optimiser steps if > 0 (overrides epochs)."""
+    lr: float = 5e-6
+    """Peak learning rate (SteerLM paper: 5e-6 for full fine-tuning; LoRA wants ~1e-4 to 5e-4)."""
+    weight_decay: float = 0.01
+    """AdamW weight decay (SteerLM paper: 1e-2)."""
+    warmup_ratio: float = 0.03
+    """Fraction of steps of linear warm-up before cosine decay."""
+    batch_size: int = 4
+    """Sequences per device per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimiser step."""
+    max_length: int = 512
+    """Tokens per sequence after truncation."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm; 0 disables."""
+    seed: int = 1234
+    """Seed for shuffling, dropout and initialisation."""
+    eval_every: int = 0
+    """Validate every N optimiser steps as well as at each epoch end (0: epoch ends only)."""
+    log_every: int = 10
+    """Write a metrics line every N optimiser steps."""
+    lora: LoraArgs = dataclasses.field(default_factory=LoraArgs)
+    """LoRA settings (r = 0: full fine-tuning)."""
+
+    def __post_init__(self):
+        if self.epochs <= 0 and self.max_steps <= 0:
+            raise ValueError("one of epochs or max_steps must be positive")
+        for name in ("batch_size", "grad_accum", "max_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, not {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, not {self.lr}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), not {self.warmup_ratio}")
+
+
+# ---------------------------------------------------------------- building dataclasses from plain values
+
+
+def _type_name(tp) -> str:
+    if get_origin(tp) is not None:
+        return str(tp).replace("typing.", "")
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp, key: str):
+    """Check/convert `value` to annotation `tp`; UserError names `key` on mismatch."""
+    origin, args = get_origin(tp), get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except UserError as e:
+                errors.append(e)
+        raise errors[0]
+    if origin is typing.Literal:
+        if value not in args:
+            raise UserError(f"must be one of {list(args)}, not {value!r}", field=key)
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise UserError(f"expected a mapping of {tp.__name__} settings, not {value!r}", field=key)
+        return build(tp, value, prefix=key + ".")
+    if origin in (list, tuple):
+        if isinstance(value, str):  # `--x=a,b` on the command line
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"expected a list, not {value!r}", field=key)
+        item = args[0] if args else Any
+        items = [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"expected a mapping, not {value!r}", field=key)
+        if args:
+            return {_coerce(k, args[0], key): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"expected true or false, not {value!r}", field=key)
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise UserError(f"expected an integer, not {value!r}", field=key)
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise UserError(f"expected a number, not {value!r}", field=key)
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise UserError(f"expected a string, not {value!r}", field=key)
+    if isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise UserError(f"expected {_type_name(tp)}, not {value!r}", field=key)
+
+
+def build(cls, values: dict, prefix: str = ""):
+    """Build dataclass `cls` from a nested dict, checking keys and types; `__post_init__` errors name the section."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for key, value in values.items():
+        norm = key.replace("-", "_")
+        if norm not in fields:
+            raise UserError(f"unknown setting; {cls.__name__} has: {', '.join(fields)}", field=prefix + key)
+        kwargs[norm] = _coerce(value, hints[norm], prefix + norm)
+    missing = [
+        n for n, f in fields.items()
+        if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]  # fmt: skip
+    if missing:
+        raise UserError("required setting is missing", field=prefix + missing[0])
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as e:
+        raise UserError(str(e), field=prefix.rstrip(".") or cls.__name__) from None
+
+
+def to_dict(cfg) -> dict:
+    """A plain, YAML-ready dict of a config (tuples become lists)."""
+
+    def plain(v):
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+# ---------------------------------------------------------------- YAML, presets and overrides
+
+
+def parse_scalar(text: str):
+    """Interpret a command-line value as YAML does (`5` -> int, `true` -> bool, `a,b` stays a string)."""
+    try:
+        return yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        return text
+
+
+def set_dotted(tree: dict, dotted: str, value) -> None:
+    keys = dotted.replace("-", "_").split(".")
+    node = tree
+    for k in keys[:-1]:
+        if not isinstance(node.get(k), dict):
+            node[k] = {}
+        node = node[k]
+    node[keys[-1]] = value
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise UserError("config file does not exist", file=str(path))
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise UserError(f"malformed YAML: {getattr(e, 'problem', e)}", file=str(path),
+                        line=mark.line + 1 if mark else None) from None  # fmt: skip
+    except UnicodeDecodeError as e:
+        raise UserError(f"not valid UTF-8 ({e.reason})", file=str(path)) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError("a config file must be a mapping of settings", file=str(path))
+    return data
+
+
+def preset_path(command: str, name: str) -> Path:
+    """A built-in preset shipped in the package: `steerlm/presets/<command>/<name>.yaml`."""
+    path = Path(str(resources.files("steerlm") / "presets" / command / f"{name}.yaml"))
+    if not path.exists():
+        folder = path.parent
+        known = sorted(p.stem for p in folder.glob("*.yaml")) if folder.exists() else []
+        raise UserError(f"no preset {name!r} for {command}; known: {', '.join(known) or 'none'}", field="--preset")
+    return path
+
+
+def load(cls, *, config: str | None = None, preset: str | None = None, command: str = "",
+         overrides: dict[str, Any] | None = None):  # fmt: skip
+    """Resolve a config: preset, then YAML file, then dotted overrides (later wins)."""
+    values: dict = {}
+    for path in ([preset_path(command, preset)] if preset else []) + ([Path(config)] if config else []):
+        _merge(values, read_yaml(path))
+    for key, value in (overrides or {}).items():
+        set_dotted(values, key, value)
+    return build(cls, values)
+
+
+def _merge(base: dict, new: dict) -> None:
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _merge(base[k], v)
+        else:
+            base[k] = v
+
+
+def save(cfg, folder: str | Path, name: str = "config.yaml") -> Path:
+    """Write the resolved config beside a stage's outputs (atomically)."""
+    from steerlm.io import atomic_write
+
+    path = Path(folder) / name
+    with atomic_write(path) as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False, allow_unicode=True)
+    return path
+
+
+# ---------------------------------------------------------------- help text from field docstrings
+
+
+@cache
+def field_docs(cls) -> dict[str, str]:
+    """Each field's docstring (the string literal under it in the class body)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError):
+            continue
+        body = tree.body[0].body
+        for node, nxt in zip(body, body[1:], strict=False):
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                if isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
+                    docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
+def describe(cls, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, type/default, doc) for every setting of a config class, nested ones included."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows += describe(tp, prefix + f.name + ".")
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = repr(f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            default = repr(f.default_factory())
+        else:
+            default = "required"
+        rows.append((prefix + f.name, f"{_type_name(tp)} = {default}", docs.get(f.name, "")))
+    return rows

@@ -71,6 +71,8 @@ class TrainArgs:
     """Validate every N optimiser steps as well as at each epoch end (0: epoch ends only)."""
     log_every: int = 10
     """Write a metrics line every N optimiser steps."""
+    checkpoint_every: int = 50
+    """Save a resumable checkpoint every N optimiser steps (and at each epoch end)."""
     lora: LoraArgs = dataclasses.field(default_factory=LoraArgs)
     """LoRA settings (r = 0: full fine-tuning)."""
 

@@ -111,7 +111,9 @@ def record_from_json(obj: Any, *, file: str | None = None, line: int | None = No
         label = t.get("label")
         if label is not None and not isinstance(label, str):
             raise err("must be a string or null", f"{where}.label")
-        turns.append(Turn(t["from"], t["value"], label, {k: v for k, v in t.items() if k not in ("from", "value", "label")}))
+        turns.append(
+            Turn(t["from"], t["value"], label, {k: v for k, v in t.items() if k not in ("from", "value", "label")})
+        )
     return Record(turns, system, mask, type_, extra)
 
 

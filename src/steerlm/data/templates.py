@@ -43,7 +43,9 @@ def _nemo_segments(record: Record) -> list[Segment]:
         head = turn.role + "\n"
         label_line = (L + turn.label + "\n") if turn.label is not None else ""
         if masked:
-            body = head + (label_line + turn.value + "\n" if record.type == VALUE_TO_TEXT else turn.value + "\n" + label_line)
+            body = head + (
+                label_line + turn.value + "\n" if record.type == VALUE_TO_TEXT else turn.value + "\n" + label_line
+            )
             segs.append(Segment(body, False))
             prev_trained = False
         elif record.type == VALUE_TO_TEXT:
@@ -159,7 +161,9 @@ def inference_segments(record: Record, attributes: str | None, style: str = "nem
     the label line (the unconditional prompt, used by attribute guidance)."""
     if not record.conversations or record.conversations[-1].role != USER:
         raise UserError("the conversation to answer must end with a User turn", field="conversations")
-    probe = Record(record.conversations + [Turn(ASSISTANT, _HOLE, attributes)], record.system, record.mask, VALUE_TO_TEXT)
+    probe = Record(
+        record.conversations + [Turn(ASSISTANT, _HOLE, attributes)], record.system, record.mask, VALUE_TO_TEXT
+    )
     return _segments_before_hole(probe, style, tokenizer)
 
 

@@ -1,0 +1,251 @@
+"""The training loop every stage shares (APM, SFT, reward model), driven by the stage's loss function.
+
+Runs through accelerate, so the same code trains on one CPU, one GPU, or data-parallel under `torchrun` /
+`accelerate launch` (DDP, FSDP or DeepSpeed by accelerate config). It owns what must mean the same everywhere:
+the batch order, the optimiser and schedule, the metrics line (loss, lr, tokens/s), validation and best-checkpoint
+selection, and resumable checkpoints (a killed run continues from the last checkpoint, with no batch repeated or
+skipped).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from steerlm.config import TrainArgs
+
+CHECKPOINT = "checkpoint"
+METRICS = "metrics.jsonl"
+
+
+def make_accelerator(grad_accum: int = 1) -> Accelerator:
+    """CPU unless CUDA is present. Under torchrun on CPU each process must say `cpu=True` explicitly, or accelerate
+    treats every process as a lone one (ENVIRONMENT.md)."""
+    return Accelerator(cpu=not torch.cuda.is_available(), gradient_accumulation_steps=grad_accum)
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def batch_plan(n: int, batch_size: int, seed: int, epoch: int, groups: list | None = None) -> list[list[int]]:
+    """Deterministic shuffled batches of example indices for one epoch (same plan when a run resumes).
+
+    With `groups` (one key per example, e.g. the OASST parent message), members of a group stay adjacent, so
+    sibling replies to one prompt land in the same batch."""
+    rng = random.Random(seed * 1_000_003 + epoch)
+    if groups is None:
+        order = list(range(n))
+        rng.shuffle(order)
+    else:
+        buckets: dict = {}
+        for i, g in enumerate(groups):
+            buckets.setdefault(g, []).append(i)
+        keys = list(buckets)
+        rng.shuffle(keys)
+        order = [i for k in keys for i in buckets[k]]
+    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+def make_optimizer(model: torch.nn.Module, args: TrainArgs) -> torch.optim.Optimizer:
+    """AdamW over trainable parameters; no weight decay on biases and norms (standard for transformers)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr)
+
+
+def count_steps(n_batches: int, args: TrainArgs, num_processes: int = 1) -> tuple[int, int]:
+    """(optimiser steps per epoch, total optimiser steps)."""
+    per_epoch = max(1, math.ceil(math.ceil(n_batches / num_processes) / args.grad_accum))
+    total = args.max_steps if args.max_steps > 0 else max(1, math.ceil(per_epoch * args.epochs))
+    return per_epoch, total
+
+
+def log_line(step: int, total: int, metrics: dict) -> str:
+    """The one fixed-format progress line every stage prints."""
+    parts = [f"step {step}/{total}"]
+    for key, fmt in (("epoch", ".2f"), ("loss", ".4f"), ("val_loss", ".4f"), ("lr", ".2e"), ("tok_s", ".0f")):
+        if key in metrics:
+            parts.append(f"{key} {metrics[key]:{fmt}}")
+    return " | ".join(parts)
+
+
+class MetricsLog:
+    """Append-only JSONL of metrics; on resume, lines after the checkpoint's step are dropped (no duplicates)."""
+
+    def __init__(self, path: Path, resume_step: int | None, enabled: bool = True):
+        self.path, self.enabled = path, enabled
+        if not enabled:
+            return
+        kept = []
+        if resume_step is not None and path.exists():
+            kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= resume_step]
+        path.write_text("".join(ln + "\n" for ln in kept))
+
+    def write(self, row: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+def _save_checkpoint(accelerator: Accelerator, out: Path, state: dict) -> None:
+    # save_state writes model, optimiser, scheduler and every process's RNG; a tmp folder renamed into place means a
+    # kill during saving leaves the previous checkpoint intact.
+    tmp, final, old = out / f".{CHECKPOINT}.tmp", out / CHECKPOINT, out / f".{CHECKPOINT}.old"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        (tmp / "trainer_state.json").write_text(json.dumps(state))
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _find_checkpoint(out: Path) -> Path | None:
+    for cand in (out / CHECKPOINT, out / f".{CHECKPOINT}.old"):
+        if (cand / "trainer_state.json").exists():
+            return cand
+    return None
+
+
+def has_checkpoint(out: str | Path) -> bool:
+    return _find_checkpoint(Path(out)) is not None
+
+
+def fit(
+    model: torch.nn.Module,
+    train_examples: list,
+    collate: Callable[[list], dict],
+    loss_fn: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]],
+    args: TrainArgs,
+    out: str | Path,
+    *,
+    evaluate: Callable[[torch.nn.Module], dict] | None = None,
+    save_best: Callable[[torch.nn.Module, dict], None] | None = None,
+    metric: str = "val_loss",
+    higher_is_better: bool = False,
+    resume: bool = False,
+    groups: list | None = None,
+    desc: str = "train",
+    accelerator: Accelerator | None = None,
+) -> dict:
+    """Train `model` on `train_examples` with `loss_fn(model, batch) -> (loss, metrics)`.
+
+    `evaluate(model) -> metrics` runs at each epoch end (and every `args.eval_every` steps); when `metrics[metric]`
+    improves, `save_best(model, metrics)` is called on the main process with the unwrapped model. Returns a summary.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    accelerator = accelerator or make_accelerator(args.grad_accum)
+    set_seed(args.seed)
+    plan0 = batch_plan(len(train_examples), args.batch_size, args.seed, 0, groups)
+    steps_per_epoch, total_steps = count_steps(len(plan0), args, accelerator.num_processes)
+    optimizer = make_optimizer(model, args)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(args.warmup_ratio * total_steps), total_steps)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
+    # 1. resume: restore weights, optimiser, schedule and RNG, and where in the epoch we were
+    state = {"step": 0, "epoch": 0, "micro_batch": 0, "best": None, "best_step": None}
+    ckpt = _find_checkpoint(out) if resume else None
+    if ckpt is not None:
+        accelerator.load_state(str(ckpt))
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        accelerator.print(f"{desc}: resuming from step {state['step']} (epoch {state['epoch']})")
+    log = MetricsLog(out / METRICS, state["step"] if ckpt is not None else None, accelerator.is_main_process)
+
+    def run_eval() -> dict:
+        if evaluate is None:
+            return {}
+        model.eval()
+        with torch.no_grad():
+            m = evaluate(accelerator.unwrap_model(model))
+        model.train()
+        state["eval_step"] = state["step"]
+        value = m.get(metric)
+        better = value is not None and (
+            state["best"] is None or (value > state["best"] if higher_is_better else value < state["best"])
+        )
+        if better:
+            state["best"], state["best_step"] = value, state["step"]
+            if save_best is not None and accelerator.is_main_process:
+                save_best(accelerator.unwrap_model(model), m)
+            accelerator.wait_for_everyone()
+        log.write({"step": state["step"], **m, "best": state["best"]})
+        accelerator.print(log_line(state["step"], total_steps, m))
+        return m
+
+    # 2. train: micro-batches through accelerate (gradient accumulation, DDP sharding), fixed-format log lines
+    model.train()
+    bar = tqdm(total=total_steps, initial=state["step"], desc=desc, disable=not accelerator.is_main_process)
+    start, tokens, window_loss, window_n, last_eval = time.time(), 0, 0.0, 0, {}
+    while state["step"] < total_steps:
+        plan = batch_plan(len(train_examples), args.batch_size, args.seed, state["epoch"], groups)
+        loader = accelerator.prepare(DataLoader(train_examples, batch_sampler=plan, collate_fn=collate))
+        skipped = state["micro_batch"]
+        for batch in accelerator.skip_first_batches(loader, skipped) if skipped else loader:
+            with accelerator.accumulate(model):
+                loss, extra = loss_fn(model, batch)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            state["micro_batch"] += 1
+            window_loss += loss.detach().float().item()
+            window_n += 1
+            if "attention_mask" in batch:
+                tokens += int(batch["attention_mask"].sum()) * accelerator.num_processes
+            if not accelerator.sync_gradients:
+                continue
+            state["step"] += 1
+            bar.update(1)
+            if state["step"] % args.log_every == 0 or state["step"] == total_steps:
+                elapsed = time.time() - start
+                row = {"step": state["step"], "epoch": state["epoch"] + state["micro_batch"] / max(1, len(loader)),
+                       "loss": window_loss / window_n, "lr": scheduler.get_last_lr()[0],
+                       "tok_s": tokens / elapsed if elapsed else 0.0, **extra}  # fmt: skip
+                row = {k: (v.item() if torch.is_tensor(v) else v) for k, v in row.items()}
+                log.write(row)
+                bar.set_postfix(loss=f"{row['loss']:.4f}")
+                window_loss, window_n = 0.0, 0
+            if args.eval_every and state["step"] % args.eval_every == 0:
+                last_eval = run_eval()
+            if state["step"] % args.checkpoint_every == 0:
+                _save_checkpoint(accelerator, out, state)
+            if state["step"] >= total_steps:
+                break
+        else:  # the epoch ran to its end
+            state["epoch"] += 1
+            state["micro_batch"] = 0
+            last_eval = run_eval()
+            _save_checkpoint(accelerator, out, state)
+            continue
+        break
+    bar.close()
+    if evaluate is not None and state.get("eval_step") != state["step"]:
+        last_eval = run_eval()
+    _save_checkpoint(accelerator, out, state)
+    summary = {"steps": state["step"], "epochs": round(state["step"] / steps_per_epoch, 2), "best": state["best"], "best_step": state["best_step"],
+               "seconds": round(time.time() - start, 1), **{f"last_{k}": v for k, v in last_eval.items()}}  # fmt: skip
+    return summary

@@ -14,72 +14,44 @@ from typing import Any
 from steerlm.errors import UserError
 
 
-def open_text(path: str | Path):
-    """Open a text file for reading, transparently gunzipping `.gz`; a missing file is a UserError."""
-    path = Path(path)
+def _open_binary(path: Path):
     if not path.exists():
         raise UserError("file does not exist", file=str(path))
     if path.is_dir():
         raise UserError("is a folder, expected a file", file=str(path))
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 
 def read_jsonl(path: str | Path, on_error: Callable[[UserError], None] | None = None) -> Iterator[tuple[int, Any]]:
-    """Yield `(line_number, value)` for each non-blank line.
+    """Yield `(line_number, value)` for each non-blank line of a `.jsonl` or `.jsonl.gz` file.
 
-    Malformed JSON or non-UTF-8 raise a located UserError; with `on_error`, the error is passed to it and the line
-    skipped instead (for `--skip-invalid`).
+    Malformed JSON or non-UTF-8 raise a UserError naming file and line; with `on_error`, the error is passed to it
+    and the line skipped instead (for `--skip-invalid`). Lines are decoded one by one so the line number is exact.
     """
-
-    def fail(error: UserError):
-        if on_error is None:
-            raise error
-        on_error(error)
-
     path = Path(path)
-    with open_text(path) as f:
+    with _open_binary(path) as f:
         line_no = 0
         while True:
             try:
-                line = f.readline()
-            except UnicodeDecodeError as e:
-                if on_error is None or path.suffix == ".gz":
-                    raise UserError(f"not valid UTF-8 ({e.reason})", file=str(path), line=line_no + 1) from None
-                # Re-read the rest in binary to skip just the bad line (only plain files can be re-positioned).
-                yield from _skip_bad_utf8_lines(path, line_no, fail)
-                return
+                raw = f.readline()
             except (OSError, EOFError) as e:  # truncated or corrupt gzip
                 raise UserError(f"cannot read: {e}", file=str(path), line=line_no + 1) from None
-            if not line:
+            if not raw:
                 return
             line_no += 1
-            if not line.strip():
+            if not raw.strip():
                 continue
             try:
-                value = json.loads(line)
-            except json.JSONDecodeError as e:
-                fail(UserError(f"malformed JSON ({e.msg} at column {e.colno})", file=str(path), line=line_no))
-                continue
-            yield line_no, value
-
-
-def _skip_bad_utf8_lines(path: Path, start: int, fail) -> Iterator[tuple[int, Any]]:
-    """Continue reading `path` from line `start + 1` byte-wise, reporting undecodable or malformed lines to `fail`."""
-    with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, 1):
-            if line_no <= start or not raw.strip():
-                continue
-            try:
-                value = json.loads(raw.decode("utf-8"))
+                yield line_no, json.loads(raw.decode("utf-8"))
             except UnicodeDecodeError as e:
-                fail(UserError(f"not valid UTF-8 ({e.reason})", file=str(path), line=line_no))
-                continue
+                error = UserError(f"not valid UTF-8 ({e.reason} at byte {e.start})", file=str(path), line=line_no)
             except json.JSONDecodeError as e:
-                fail(UserError(f"malformed JSON ({e.msg} at column {e.colno})", file=str(path), line=line_no))
+                error = UserError(f"malformed JSON ({e.msg} at column {e.colno})", file=str(path), line=line_no)
+            else:
                 continue
-            yield line_no, value
+            if on_error is None:
+                raise error
+            on_error(error)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,101 @@
+import dataclasses
+import subprocess
+import sys
+import time
+
+import pytest
+
+from steerlm import cli
+from steerlm import config as C
+from steerlm.errors import UserError
+
+
+@dataclasses.dataclass
+class Inner:
+    levels: int = 10
+    """Levels."""
+    names: list[str] = dataclasses.field(default_factory=lambda: ["quality"])
+    """Names."""
+
+
+@dataclasses.dataclass
+class Outer:
+    out: str
+    """Where to write."""
+    data: Inner = dataclasses.field(default_factory=Inner)
+    """Data settings."""
+    lr: float = 1e-3
+    """Learning rate."""
+    resume: bool = False
+    """Resume."""
+    note: str | None = None
+    """A note."""
+
+    def __post_init__(self):
+        if self.lr <= 0:
+            raise ValueError("lr must be positive")
+
+
+def test_yaml_plus_dotted_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("out: a\ndata:\n  levels: 5\nlr: 0.1\n")
+    cfg = C.load(Outer, config=str(path), overrides={"data.levels": 3, "lr": 2})
+    assert cfg == Outer(out="a", data=Inner(levels=3), lr=2.0)
+    saved = C.save(cfg, tmp_path / "o")
+    assert C.load(Outer, config=str(saved)) == cfg
+
+
+@pytest.mark.parametrize(
+    "overrides,needle",
+    [
+        ({"out": "a", "data.levls": 3}, "data.levls: unknown setting"),
+        ({"out": "a", "data.levels": "five"}, "data.levels: expected an integer"),
+        ({"out": "a", "resume": "yes"}, "resume: expected true or false"),
+        ({}, "out: required setting is missing"),
+        ({"out": "a", "lr": -1}, "lr must be positive"),
+    ],
+)
+def test_config_errors_name_the_key(overrides, needle):
+    with pytest.raises(UserError, match=needle):
+        C.load(Outer, overrides=overrides)
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("out: a\ndata: [1,\n")
+    with pytest.raises(UserError, match=r"bad.yaml:\d+: malformed YAML"):
+        C.load(Outer, config=str(path))
+
+
+def test_field_docs_and_describe():
+    rows = {k: (t, d) for k, t, d in C.describe(Outer)}
+    assert rows["data.levels"][1] == "Levels."
+    assert rows["out"][0].endswith("required")
+
+
+def test_parse_args_handles_forms():
+    config, preset, overrides, positional = cli.parse_args(
+        ["--config", "x.yaml", "--a.b=3", "--flag", "--name", "n", "--attr", "humor=7", "--attr=quality=9", "hi"],
+        list_fields={"attr"},
+        bool_fields={"flag"},
+    )
+    assert (config, preset, positional) == ("x.yaml", None, ["hi"])
+    assert overrides == {"a.b": 3, "flag": True, "name": "n", "attr": ["humor=7", "quality=9"]}
+
+
+def test_help_is_fast_and_lists_commands():
+    start = time.time()
+    res = subprocess.run([sys.executable, "-m", "steerlm.cli", "--help"], capture_output=True, text=True)
+    assert res.returncode == 0 and "train-apm" in res.stdout
+    assert time.time() - start < 5  # interpreter start included; the import itself pulls no torch
+    res = subprocess.run(
+        [sys.executable, "-c", "import sys, steerlm.cli; print('torch' in sys.modules)"],
+        capture_output=True,
+        text=True,
+    )
+    assert res.stdout.strip() == "False"
+
+
+def test_unknown_command_exits_2(capsys):
+    assert cli.run(["nope"]) == 2
+    assert "unknown command" in capsys.readouterr().err

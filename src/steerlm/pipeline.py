@@ -1,0 +1,195 @@
+"""The whole SteerLM recipe from one YAML file: prepare -> train-apm -> annotate -> sft -> bootstrap -> check.
+
+    steerlm pipeline --preset quickstart            # SmolLM2-135M-Instruct + LoRA, MiniLM APM, OASST (~30 min CPU)
+    steerlm pipeline --preset tiny --out=runs/tiny  # tiny random models: the whole chain in seconds
+
+Each stage writes into its own folder under `out` and is skipped on a re-run when its config and inputs are
+unchanged (runner.py). A section of the YAML holds the settings of one stage, exactly as that command takes them;
+the pipeline fills in the paths that connect the stages. It ends with a summary table, the steerability check
+(requested vs APM-measured levels) and a few answers to one prompt at different attribute settings.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from steerlm import config as config_lib
+from steerlm.errors import UserError
+from steerlm.io import write_json
+from steerlm.runner import run_stage, summary_table
+
+
+@dataclass
+class CheckArgs:
+    attributes: list[str] = field(default_factory=lambda: ["quality", "humor", "creativity", "toxicity"])
+    """Attributes to steer, one at a time (the others stay at their defaults)."""
+    levels: list[int] = field(default_factory=list)
+    """Requested levels; empty means low and high: 0 and the top level."""
+    num_prompts: int = 8
+    """Held-out prompts (from the validation split) answered at each level."""
+    max_new_tokens: int = 64
+    """Longest answer."""
+    temperature: float = 0.7
+    """Sampling temperature of the check's answers."""
+    seed: int = 7
+    """Seed of prompt choice and sampling."""
+    demo_prompt: str = "Write a short note inviting my neighbours to a garden party."
+    """The prompt answered at several attribute settings at the very end."""
+    demo_settings: list[dict] = field(
+        default_factory=lambda: [{}, {"humor": 9}, {"quality": 0}, {"creativity": 9, "humor": 9}]
+    )
+    """Attribute settings of the final demo (levels above the model's top are clipped to it)."""
+
+
+@dataclass
+class Config:
+    out: str = "runs/pipeline"
+    """Root folder; each stage writes a subfolder (data, apm, annotated, sft, bootstrap, check)."""
+    prepare: dict = field(default_factory=dict)
+    """`steerlm prepare` settings (source, attributes, levels, ...); `out` is filled in."""
+    apm: dict = field(default_factory=dict)
+    """`steerlm train-apm` settings (kind, model, train, ...); `data` and `out` are filled in."""
+    annotate: dict = field(default_factory=dict)
+    """`steerlm annotate` settings (batch size, ...); `apm`, `input` and `out` are filled in."""
+    sft: dict = field(default_factory=dict)
+    """`steerlm sft` settings (model, template, train, lora, ...); `data` and `out` are filled in."""
+    bootstrap: dict = field(default_factory=dict)
+    """`steerlm bootstrap` settings (num_prompts, sft, ...); `model`, `apm`, `data` and `out` are filled in."""
+    run_bootstrap: bool = True
+    """Run step 4; without it the check uses the step-3 model."""
+    check: CheckArgs = field(default_factory=CheckArgs)
+    """The steerability check and demo at the end."""
+
+
+def _build(module, section: dict, fixed: dict, name: str):
+    return config_lib.build(module.Config, {**section, **fixed}, prefix=f"{name}.")
+
+
+def main(cfg: Config) -> dict:
+    from steerlm import annotate, apm, bootstrap, prepare, sft
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    config_lib.save(cfg, out)
+    results = []
+
+    # 0. data: records split by tree (SPEC §2)
+    data_dir = out / "data"
+    prep_cfg = _build(prepare, cfg.prepare, {"out": str(data_dir), "overwrite": True}, "prepare")
+    results.append(run_stage("prepare", data_dir, prep_cfg, lambda: prepare.main(prep_cfg),
+                             metric=lambda r: f"{r.get('conversations', {}).get('train', '?')} train conversations"))  # fmt: skip
+
+    # 1. attribute prediction model on the human labels
+    apm_dir = out / "apm"
+    apm_cfg = _build(apm, cfg.apm, {"data": str(data_dir), "out": str(apm_dir), "overwrite": True}, "apm")
+    results.append(run_stage("train-apm", apm_dir, apm_cfg, lambda: apm.main(apm_cfg), inputs=[data_dir],
+                             metric=_apm_metric))  # fmt: skip
+    apm_model = str(apm_dir / "best")
+
+    # 2. annotate train and validation records with the APM (human labels kept as gt_label)
+    ann_dir = out / "annotated"
+
+    def run_annotate():
+        stats = {}
+        for split in ("train", "val"):
+            a_cfg = _build(annotate, cfg.annotate, {"apm": apm_model, "input": str(data_dir / f"{split}.jsonl"),
+                                                    "out": str(ann_dir / f"{split}.jsonl"), "overwrite": True},
+                           "annotate")  # fmt: skip
+            stats[split] = annotate.main(a_cfg)
+        return stats
+
+    ann_cfg = _build(annotate, cfg.annotate, {"apm": apm_model, "input": str(data_dir / "train.jsonl"),
+                                              "out": str(ann_dir / "train.jsonl")}, "annotate")  # fmt: skip
+    results.append(run_stage("annotate", ann_dir, ann_cfg, run_annotate, inputs=[apm_dir, data_dir],
+                             metric=lambda r: f"{(r.get('train') or {}).get('records', '?')} records"))  # fmt: skip
+
+    # 3. attribute-conditioned SFT
+    sft_dir = out / "sft"
+    sft_cfg = _build(sft, cfg.sft, {"data": str(ann_dir), "out": str(sft_dir), "overwrite": True}, "sft")
+    results.append(run_stage("sft", sft_dir, sft_cfg, lambda: sft.main(sft_cfg), inputs=[ann_dir],
+                             metric=_val_metric))  # fmt: skip
+    model = str(sft_dir / "best")
+
+    # 4. bootstrap: generate at max quality, re-annotate, fine-tune again
+    if cfg.run_bootstrap:
+        boot_dir = out / "bootstrap"
+        boot_cfg = _build(bootstrap, cfg.bootstrap, {"model": model, "apm": apm_model, "data": str(ann_dir),
+                                                     "out": str(boot_dir), "overwrite": True}, "bootstrap")  # fmt: skip
+        results.append(run_stage("bootstrap", boot_dir, boot_cfg, lambda: bootstrap.main(boot_cfg),
+                                 inputs=[sft_dir, apm_dir, ann_dir], metric=_boot_metric))  # fmt: skip
+        model = str(boot_dir / "sft" / "best")
+
+    # 5. steerability check on held-out prompts, scored by the APM
+    check_dir = out / "check"
+    check = run_stage("check", check_dir, cfg.check, lambda: run_check(model, apm_model, data_dir, cfg.check, check_dir),
+                      inputs=[Path(model).parent, apm_dir], metric=_check_metric)  # fmt: skip
+    results.append(check)
+    table = summary_table(results, "pipeline summary")
+    print("\n" + table)
+    print("\n" + check.details.get("table", ""))
+    demo(model, cfg.check)
+    summary = {"model": model, "apm": apm_model, "stages": [r.__dict__ for r in results]}
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+def _apm_metric(r: dict) -> str:
+    q = (r.get("val_metrics") or {}).get("quality") or {}
+    return f"val quality spearman {q['spearman']:.3f}" if q.get("spearman") is not None else ""
+
+
+def _val_metric(r: dict) -> str:
+    return f"best val loss {r['best']:.4f}" if isinstance(r.get("best"), float) else ""
+
+
+def _boot_metric(r: dict) -> str:
+    return f"{r.get('n', '?')} responses, measured quality {r.get('measured_quality_mean', '?')}"
+
+
+def _check_metric(r: dict) -> str:
+    rhos = {a: v["spearman"] for a, v in (r.get("attributes") or {}).items()}
+    return ", ".join(f"{a} {v:+.2f}" if v is not None else f"{a} n/a" for a, v in rhos.items())
+
+
+def run_check(model: str, apm_model: str, data_dir: Path, check: CheckArgs, out: Path) -> dict:
+    """Answer held-out prompts at low and high levels of each attribute and measure the answers with the APM."""
+    from steerlm.apm import load_apm
+    from steerlm.bootstrap import training_prompts
+    from steerlm.data.records import read_records
+    from steerlm.generate import Generator, SamplingArgs
+    from steerlm.steerability import format_table, measure_attribute
+
+    generator = Generator.load(model)
+    if generator.schema is None:
+        raise UserError(f"{model} has no attribute schema to steer", field="model")
+    scorer = load_apm(apm_model)
+    prompts = training_prompts(read_records(data_dir / "val.jsonl"))
+    prompts = random.Random(check.seed).sample(prompts, min(check.num_prompts, len(prompts)))
+    levels = check.levels or [0, generator.schema.max_level]
+    sampling = SamplingArgs(max_new_tokens=check.max_new_tokens, temperature=check.temperature, seed=check.seed)
+    results = [measure_attribute(generator, scorer, prompts, a, levels, sampling)
+               for a in check.attributes if a in generator.schema.names and a in scorer.schema.names]  # fmt: skip
+    table = format_table(results)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"table": table, "attributes": {r.attribute: r.to_json() for r in results}}
+    write_json(out / "steerability.json", report)
+    return report
+
+
+def demo(model: str, check: CheckArgs) -> None:
+    """A few answers to one prompt at different attribute settings."""
+    from steerlm.data.records import Record, Turn
+    from steerlm.generate import Generator, SamplingArgs
+
+    generator = Generator.load(model)
+    top = generator.schema.max_level
+    settings = [{k: min(v, top) for k, v in s.items() if k in generator.schema.names} for s in check.demo_settings]
+    prompt = Record([Turn("User", check.demo_prompt)])
+    sampling = SamplingArgs(max_new_tokens=check.max_new_tokens, temperature=check.temperature, seed=check.seed)
+    answers = generator.generate([prompt] * len(settings), settings, sampling)
+    print(f"\nprompt: {check.demo_prompt}")
+    for s, a in zip(settings, answers, strict=True):
+        shown = ",".join(f"{k}={v}" for k, v in s.items()) or "defaults"
+        print(f"\n[{shown}]\n{a.strip()}")

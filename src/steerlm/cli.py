@@ -47,7 +47,7 @@ def _usage() -> str:
     return USAGE.format(commands="\n".join(f"  {c:<{width}}  {summary}" for c, (_, summary) in COMMANDS.items()))
 
 
-def parse_args(argv: list[str], list_fields: set[str], bool_fields: set[str]):
+def parse_args(argv: list[str], list_fields: set[str], bool_fields: set[str], multi_fields: frozenset = frozenset()):
     """Split argv into (config, preset, overrides, positional). Repeated list settings accumulate."""
     from steerlm.config import parse_scalar
     from steerlm.errors import UserError
@@ -82,6 +82,9 @@ def parse_args(argv: list[str], list_fields: set[str], bool_fields: set[str]):
             preset = value
         elif key in list_fields:
             overrides.setdefault(key, []).append(parse_scalar(value) if key not in ("attr",) else value)
+        elif key in multi_fields and key in overrides:  # `str | list[str]`: a repeated flag makes a list
+            previous = overrides[key]
+            overrides[key] = (previous if isinstance(previous, list) else [previous]) + [parse_scalar(value)]
         else:
             overrides[key] = parse_scalar(value)
     return config, preset, overrides, positional
@@ -106,9 +109,15 @@ def _fields_of(cls):
     import typing
 
     hints = typing.get_type_hints(cls)
-    lists = {f.name for f in dataclasses.fields(cls) if typing.get_origin(hints[f.name]) in (list, tuple)}
+
+    def is_list(tp) -> bool:
+        return typing.get_origin(tp) in (list, tuple)
+
+    lists = {f.name for f in dataclasses.fields(cls) if is_list(hints[f.name])}
+    # A union that admits a list (e.g. `source: str | list[str]`) takes one value, or a list when repeated.
+    multi = {f.name for f in dataclasses.fields(cls) if any(is_list(a) for a in typing.get_args(hints[f.name]))}
     bools = {f.name for f in dataclasses.fields(cls) if hints[f.name] is bool}
-    return lists, bools
+    return lists, bools, frozenset(multi)
 
 
 def run(argv: list[str]) -> int:
@@ -135,8 +144,8 @@ def run(argv: list[str]) -> int:
     try:
         from steerlm import config as config_lib
 
-        lists, bools = _fields_of(module.Config)
-        cfg_path, preset, overrides, positional = parse_args(rest, lists, bools)
+        lists, bools, multi = _fields_of(module.Config)
+        cfg_path, preset, overrides, positional = parse_args(rest, lists, bools, multi)
         positional_field = getattr(module, "POSITIONAL", None)
         if positional:
             if positional_field is None:

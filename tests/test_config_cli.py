@@ -41,6 +41,7 @@ def test_yaml_plus_dotted_overrides(tmp_path):
     path.write_text("out: a\ndata:\n  levels: 5\nlr: 0.1\n")
     cfg = C.load(Outer, config=str(path), overrides={"data.levels": 3, "lr": 2})
     assert cfg == Outer(out="a", data=Inner(levels=3), lr=2.0)
+    assert C.load(Outer, overrides={"out": "a", "lr": "1e-3"}).lr == 1e-3  # YAML 1.1 reads 1e-3 as text
     saved = C.save(cfg, tmp_path / "o")
     assert C.load(Outer, config=str(saved)) == cfg
 
@@ -75,12 +76,25 @@ def test_field_docs_and_describe():
 
 def test_parse_args_handles_forms():
     config, preset, overrides, positional = cli.parse_args(
-        ["--config", "x.yaml", "--a.b=3", "--flag", "--name", "n", "--attr", "humor=7", "--attr=quality=9", "hi"],
-        list_fields={"attr"},
+        [
+            "--config",
+            "x.yaml",
+            "--a.b=3",
+            "--flag",
+            "--name",
+            "n",
+            "--attr",
+            "humor=7",
+            "--attr=quality=9",
+            "--stop",
+            "User:",
+            "hi",
+        ],
+        list_fields={"attr", "stop"},
         bool_fields={"flag"},
     )
     assert (config, preset, positional) == ("x.yaml", None, ["hi"])
-    assert overrides == {"a.b": 3, "flag": True, "name": "n", "attr": ["humor=7", "quality=9"]}
+    assert overrides == {"a.b": 3, "flag": True, "name": "n", "attr": ["humor=7", "quality=9"], "stop": ["User:"]}
 
 
 def test_help_is_fast_and_lists_commands():

@@ -81,7 +81,8 @@ def parse_args(argv: list[str], list_fields: set[str], bool_fields: set[str], mu
         elif key == "preset":
             preset = value
         elif key in list_fields:
-            overrides.setdefault(key, []).append(parse_scalar(value) if key not in ("attr",) else value)
+            # List items stay text: `--stop "User:"` must not become a YAML mapping; numbers are converted by type.
+            overrides.setdefault(key, []).append(value)
         elif key in multi_fields and key in overrides:  # `str | list[str]`: a repeated flag makes a list
             previous = overrides[key]
             overrides[key] = (previous if isinstance(previous, list) else [previous]) + [parse_scalar(value)]

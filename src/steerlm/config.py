@@ -145,10 +145,17 @@ def _coerce(value: Any, tp, key: str):
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
+        if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+            return int(value)
         raise UserError(f"expected an integer, not {value!r}", field=key)
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise UserError(f"expected a number, not {value!r}", field=key)
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):

@@ -23,6 +23,9 @@ STYLES = ("nemo", "chat")
 #: Marker in front of the attribute string inside an assistant message (chat style).
 ATTR_MARKER = "<attributes>"
 IGNORE_INDEX = -100
+#: A turn whose `extra` has `no_loss: true` stays in the context but is masked like a user turn (SFT's
+#: `min_quality` filter keeps low-quality answers as history without learning them).
+NO_LOSS = "no_loss"
 
 
 @dataclass(frozen=True)
@@ -39,7 +42,7 @@ def _nemo_segments(record: Record) -> list[Segment]:
     prev_trained = False  # the T that opens a turn is trained when it closes a trained turn (SPEC §4)
     for i, turn in enumerate(record.conversations):
         segs.append(Segment(T, prev_trained))
-        masked = i == 0 or turn.role == record.mask or turn.role == USER
+        masked = i == 0 or turn.role == record.mask or turn.role == USER or bool(turn.extra.get(NO_LOSS))
         head = turn.role + "\n"
         label_line = (L + turn.label + "\n") if turn.label is not None else ""
         if masked:
@@ -99,7 +102,7 @@ def _chat_segments(record: Record, tokenizer) -> list[Segment]:
     for i, (turn, hole) in enumerate(zip(record.conversations, holes, strict=True)):
         at = text.index(hole, cursor)
         segs.append(Segment(text[cursor:at], False))
-        trained = not (i == 0 or turn.role == record.mask or turn.role == USER)
+        trained = not (i == 0 or turn.role == record.mask or turn.role == USER or turn.extra.get(NO_LOSS))
         if turn.role == ASSISTANT:
             prefix, middle, suffix = _assistant_content(turn, record.type)
         else:
@@ -149,9 +152,12 @@ _HOLE = "\x00"
 def _segments_before_hole(record: Record, style: str, tokenizer) -> list[str]:
     # The prompt is the training rendering cut where the trained text would start, so the prompt's tokens are
     # exactly those the model saw in training (segment-wise tokenization included).
+    # Cut at the hole itself, not at the first trainable segment: in a multi-turn conversation the earlier
+    # assistant answers are trainable too and belong to the prompt.
     segs = segments(record, style, tokenizer)
-    first = next(i for i, s in enumerate(segs) if s.trainable)
-    return [s.text for s in segs[:first]]
+    at = next(i for i, s in enumerate(segs) if _HOLE in s.text)
+    head = segs[at].text[: segs[at].text.index(_HOLE)]
+    return [s.text for s in segs[:at]] + ([head] if head else [])
 
 
 def inference_segments(record: Record, attributes: str | None, style: str = "nemo", tokenizer=None) -> list[str]:

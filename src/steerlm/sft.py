@@ -1,0 +1,346 @@
+"""Attribute-conditioned supervised fine-tuning (SteerLM step 3, SPEC §5.3), or plain SFT as its baseline.
+
+    steerlm sft --model=smollm2-135m-instruct --data=runs/x/prepare --out=runs/x/sft
+    steerlm sft --model=tiny-lm --data=train.jsonl --val_data=val.jsonl --train.lora.r=8 --train.lr=2e-4
+    torchrun --nproc_per_node 4 -m steerlm.cli sft --config configs/sft.yaml      # data-parallel (docs/sft.md)
+
+1. read VALUE_TO_TEXT records (a `steerlm prepare`/`annotate` folder with train.jsonl and val.jsonl, or files);
+   keep every quality level (SteerLM learns from all of them), or with `min_quality` train only on answers at
+   or above a quality level (the paper's high-quality-subset baseline; lower answers stay as context);
+2. choose what conditions the answers: the attribute string of each assistant turn (all attributes in the data, or
+   `attributes`), or nothing (`conditioning: none`: the labels are removed, so the attribute line is absent);
+3. encode with the one masking function (`templates.encode`, SPEC §4): the loss falls on the answers and their end
+   marker only; records with no trainable token left after truncation are dropped and counted;
+4. train with the shared loop (`train.fit`: accelerate, validation loss each epoch, resumable checkpoints) and keep
+   the best model by validation loss in `out/best` (a model folder, or a LoRA adapter folder, plus
+   `steerlm_model.json` telling `steerlm generate` the schema, template and conditioning).
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from steerlm import config as config_lib
+from steerlm import models, train
+from steerlm.attributes import NAMED_SETS, AttributeSchema
+from steerlm.config import TrainArgs
+from steerlm.data import templates
+from steerlm.data.collate import collate_lm
+from steerlm.data.records import ASSISTANT, VALUE_TO_TEXT, Record, Turn, read_records
+from steerlm.errors import UserError
+from steerlm.io import write_json
+
+META = "steerlm_model.json"
+BEST = "best"
+SUMMARY = "summary.json"
+#: What `steerlm prepare`/`annotate` name their splits (the first existing name is used).
+TRAIN_NAMES = ("train.jsonl", "train.jsonl.gz")
+VAL_NAMES = ("val.jsonl", "val.jsonl.gz", "validation.jsonl", "validation.jsonl.gz")
+
+
+@dataclass
+class Config:
+    data: str
+    """Training records: a folder with train.jsonl (and val.jsonl) from `steerlm prepare`/`annotate`, or a .jsonl
+    file."""
+    out: str = "runs/sft"
+    """Output folder: best/ (the model), checkpoint/ (for --resume), metrics.jsonl, summary.json, config.yaml."""
+    model: str = "smollm2-135m-instruct"
+    """Base model: a built-in name, a Hugging Face folder or hub id, a .gguf file, or a steerlm model folder (a LoRA
+    adapter folder continues training its adapter, or is merged first for full fine-tuning)."""
+    val_data: str = ""
+    """Validation records file (default: val.jsonl in the data folder, else `val_fraction` of the trees)."""
+    val_fraction: float = 0.05
+    """Without validation data: the share of conversation trees held out for validation (0: no validation; best/
+    is then the last model)."""
+    template: str = "auto"
+    """Prompt style: 'chat' (the base model's own chat template, attribute line behind a marker), 'nemo' (NeMo's
+    <extra_id_*> format, SPEC §3), or 'auto': the base steerlm model's style, else 'chat'."""
+    conditioning: str = "attributes"
+    """'attributes' (SteerLM: answers conditioned on their attribute string) or 'none' (plain SFT baseline)."""
+    attributes: list[str] = field(default_factory=list)
+    """Attributes kept in the attribute string (a list, or a named set: steerable, paper, helpsteer); default:
+    every attribute found in the training data."""
+    levels: int = 0
+    """Levels per attribute, L (labels run 0..L-1); 0: the base steerlm model's schema, else 10 (SPEC §1)."""
+    min_quality: int = -1
+    """Train only on assistant turns whose quality label is >= this level (others stay as context; turns without a
+    quality label are not trained on); -1 keeps every quality level, as SteerLM does."""
+    skip_invalid: bool = False
+    """Count and skip malformed records instead of stopping at the first."""
+    dtype: str = ""
+    """Weights dtype ('bf16', 'fp16'; default fp32). For mixed precision prefer `accelerate launch
+    --mixed_precision bf16`, which keeps fp32 master weights."""
+    resume: bool = False
+    """Continue an interrupted run from out/checkpoint (same settings)."""
+    overwrite: bool = False
+    """Replace the outputs of an earlier run in `out`."""
+    train: TrainArgs = field(default_factory=TrainArgs)
+    """Optimisation (SteerLM paper, full fine-tuning: lr 5e-6, weight decay 1e-2, 5 epochs; LoRA wants ~1e-4)."""
+
+    def __post_init__(self):
+        self.attributes = [n.strip() for item in self.attributes for n in item.split(",") if n.strip()]
+        if self.template not in ("auto",) + templates.STYLES:
+            raise ValueError(f"template must be 'auto', 'chat' or 'nemo', not {self.template!r}")
+        if self.conditioning not in ("attributes", "none"):
+            raise ValueError(f"conditioning must be 'attributes' or 'none', not {self.conditioning!r}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), not {self.val_fraction}")
+        if self.levels != 0 and not 2 <= self.levels <= 100:
+            raise ValueError(f"levels must be 0 (automatic) or between 2 and 100, not {self.levels}")
+        if self.min_quality < -1:
+            raise ValueError(f"min_quality must be >= 0, or -1 to keep every level, not {self.min_quality}")
+        if self.conditioning == "none" and self.attributes:
+            raise ValueError("attributes are meaningless with conditioning 'none'")
+
+
+# ---------------------------------------------------------------- 1. data
+
+
+def data_files(cfg: Config) -> tuple[Path, Path | None]:
+    """(train file, validation file or None) from `data` (folder or file) and `val_data`."""
+    data = Path(cfg.data)
+    if data.is_dir():
+        train_file = next((data / n for n in TRAIN_NAMES if (data / n).is_file()), None)
+        if train_file is None:
+            raise UserError(f"no {' or '.join(TRAIN_NAMES)} in the data folder", file=str(data))
+        val = next((data / n for n in VAL_NAMES if (data / n).is_file()), None)
+    elif data.is_file():
+        train_file, val = data, None
+    else:
+        raise UserError("no such data folder or file", file=str(data))
+    if cfg.val_data:
+        val = Path(cfg.val_data)
+        if not val.is_file():
+            raise UserError("no such validation file", file=str(val))
+    return train_file, val
+
+
+def _label_keys(label: str) -> list[str]:
+    return [part.partition(":")[0] for part in label.split(",") if part]
+
+
+def data_schema(records: list[Record], levels: int, file: str) -> AttributeSchema | None:
+    """A schema holding every attribute the labels use, to parse them strictly (out-of-range levels are errors)."""
+    names = {k for r in records for t in r.assistant_turns if t.label for k in _label_keys(t.label)}
+    if not names:
+        return None
+    try:
+        return AttributeSchema(tuple(names), levels)
+    except ValueError as e:
+        raise UserError(f"bad attribute name in labels: {e}", file=file) from None
+
+
+def parse_label(schema: AttributeSchema, label: str | None, file: str, index: int) -> dict[str, int]:
+    if not label:
+        return {}
+    try:
+        return schema.parse(label)
+    except UserError as e:
+        raise UserError(f"record {index + 1}: {e.reason}", file=file, field=e.field) from None
+
+
+def condition(records: list[Record], *, data: AttributeSchema | None, schema: AttributeSchema | None,
+              min_quality: int, file: str, stats: Counter) -> list[Record]:  # fmt: skip
+    """Records as training sees them: labels re-rendered with `schema` (None: removed, plain SFT), VALUE_TO_TEXT,
+    and answers below `min_quality` marked as context only (`templates.NO_LOSS`)."""
+    out = []
+    for i, r in enumerate(records):
+        if r.type != VALUE_TO_TEXT:
+            stats["converted to VALUE_TO_TEXT"] += 1
+        turns, trained = [], 0
+        for j, t in enumerate(r.conversations):
+            levels = parse_label(data, t.label, file, i) if data is not None and t.role == ASSISTANT else {}
+            label = (schema.render(schema.restrict(levels)) or None) if schema is not None else None
+            extra = dict(t.extra)
+            if t.role == ASSISTANT and j > 0:
+                if min_quality >= 0 and levels.get("quality", -1) < min_quality:
+                    extra[templates.NO_LOSS] = True
+                    stats["answers below min_quality (context only)"] += 1
+                else:
+                    trained += 1
+            turns.append(Turn(t.role, t.value, label if t.role == ASSISTANT else None, extra))
+        if trained == 0 and min_quality >= 0:
+            stats["records without an answer at min_quality"] += 1
+            continue
+        out.append(Record(turns, r.system, r.mask, VALUE_TO_TEXT, dict(r.extra)))
+    return out
+
+
+def build_examples(records: list[Record], tokenizer, style: str, max_length: int) -> tuple[list[dict], Counter]:
+    """Token ids and SPEC §4 labels per record (`templates.encode_all`); (examples, dropped by reason)."""
+    return templates.encode_all(records, tokenizer, style, max_length)
+
+
+# ---------------------------------------------------------------- 2. model
+
+
+def base_meta(name: str) -> dict | None:
+    folder = Path(name).expanduser()
+    return models.read_meta(folder, META) if (folder / META).is_file() else None
+
+
+def load_model(cfg: Config, accelerator):
+    """(model, tokenizer, lora): the base model, with LoRA applied when `train.lora.r > 0`. A LoRA adapter folder as
+    base keeps training its adapter (LoRA) or is merged into its base first (full fine-tuning)."""
+    model, tokenizer = models.load_causal_lm(cfg.model, dtype=cfg.dtype or None, device=accelerator.device,
+                                             lora_trainable=cfg.train.lora.enabled)  # fmt: skip
+    if hasattr(model, "merge_and_unload"):
+        if cfg.train.lora.enabled:
+            accelerator.print(f"sft: continuing the LoRA adapter of {cfg.model} (its own rank and targets)")
+        else:
+            model = model.merge_and_unload().requires_grad_(True)  # peft froze the base weights
+    else:
+        model = models.apply_lora(model, cfg.train.lora)
+    model.train()
+    return model, tokenizer, hasattr(model, "merge_and_unload")
+
+
+# ---------------------------------------------------------------- 3. training
+
+
+def lm_loss(model, batch: dict) -> tuple[torch.Tensor, dict]:
+    """Mean cross-entropy over trainable tokens (labels -100 elsewhere)."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+    return out.loss, {}
+
+
+def make_evaluate(examples: list[dict], collate, batch_size: int, accelerator):
+    """Validation loss per trainable token over all of `examples`; each process takes a share, sums are reduced."""
+
+    def evaluate(model) -> dict:
+        total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+        shard = examples[accelerator.process_index :: accelerator.num_processes]
+        for start in range(0, len(shard), batch_size):
+            batch = {k: v.to(accelerator.device) for k, v in collate(shard[start : start + batch_size]).items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            labels = batch["labels"][:, 1:]
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
+                                   ignore_index=templates.IGNORE_INDEX, reduction="sum")  # fmt: skip
+            total += torch.stack([loss.double(), (labels != templates.IGNORE_INDEX).sum().double()])
+        total = accelerator.reduce(total, reduction="sum")
+        val_loss = float(total[0] / total[1]) if total[1] > 0 else float("nan")
+        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)), "val_tokens": int(total[1])}
+
+    return evaluate
+
+
+def prepare_out(cfg: Config, accelerator) -> Path:
+    """Check the output folder against resume/overwrite; clear an earlier run's outputs on overwrite."""
+    out = Path(cfg.out)
+    ours = [BEST, train.CHECKPOINT, f".{train.CHECKPOINT}.old", f".{train.CHECKPOINT}.tmp", train.METRICS, SUMMARY,
+            "config.yaml"]  # fmt: skip
+    existing = [n for n in ours if (out / n).exists()]
+    if existing and not (cfg.resume or cfg.overwrite):
+        raise UserError("output folder holds an earlier run; pass --resume to continue it or --overwrite", field="out")
+    accelerator.wait_for_everyone()
+    if existing and cfg.overwrite and not cfg.resume and accelerator.is_main_process:
+        for n in existing:
+            shutil.rmtree(out / n) if (out / n).is_dir() else (out / n).unlink()
+    accelerator.wait_for_everyone()
+    if cfg.resume and not train.has_checkpoint(out):
+        accelerator.print(f"sft: no checkpoint in {out}; starting from the beginning")
+    return out
+
+
+def run(cfg: Config) -> tuple[dict, torch.nn.Module]:
+    """Train; returns (summary, trained model). `main` returns the summary only."""
+    from steerlm.data.oasst import split_by_tree
+
+    accelerator = train.make_accelerator(cfg.train.grad_accum)
+    say = accelerator.print
+    out = prepare_out(cfg, accelerator)
+
+    # 1. data: read, pick the validation split, condition the labels
+    train_file, val_file = data_files(cfg)
+    stats: Counter = Counter()
+    train_records = read_records(train_file, skip_invalid=cfg.skip_invalid, stats=stats)
+    val_records = read_records(val_file, skip_invalid=cfg.skip_invalid, stats=stats) if val_file else []
+    if val_file is None and cfg.val_fraction > 0:
+        train_records, val_records = split_by_tree(train_records, cfg.val_fraction, cfg.train.seed)
+    if not train_records:
+        raise UserError("no training records", file=str(train_file))
+    meta = base_meta(cfg.model)
+    levels = cfg.levels or ((meta.get("attributes") or {}).get("levels") if meta else 0) or 10
+    data = data_schema(train_records + val_records, levels, str(train_file))
+    schema = None
+    if cfg.conditioning == "attributes":
+        names = cfg.attributes
+        if len(names) == 1 and names[0] in NAMED_SETS:
+            names = list(NAMED_SETS[names[0]])
+        if not names and data is None:
+            raise UserError("no assistant turn carries an attribute label; use --conditioning=none for plain SFT",
+                            file=str(train_file))  # fmt: skip
+        try:
+            schema = AttributeSchema(tuple(names) if names else data.names, levels)
+        except ValueError as e:
+            raise UserError(str(e), field="attributes") from None
+    if cfg.min_quality >= 0 and (data is None or "quality" not in data.names):
+        raise UserError("min_quality needs quality labels, and no record has one", file=str(train_file))
+    if cfg.min_quality > levels - 1:
+        raise UserError(f"min_quality {cfg.min_quality} is above the top level {levels - 1}", field="min_quality")
+    kw = dict(data=data, schema=schema, min_quality=cfg.min_quality, stats=stats)
+    train_records = condition(train_records, file=str(train_file), **kw)
+    val_records = condition(val_records, file=str(val_file or train_file), **kw)
+
+    # 2. model and template
+    model, tokenizer, lora = load_model(cfg, accelerator)
+    style = cfg.template if cfg.template != "auto" else (meta or {}).get("template", "chat")
+
+    # 3. encode (SPEC §4 masks); records with nothing trainable left are dropped and counted
+    train_examples, dropped = build_examples(train_records, tokenizer, style, cfg.train.max_length)
+    val_examples, val_dropped = build_examples(val_records, tokenizer, style, cfg.train.max_length)
+    if not train_examples:
+        raise UserError(f"no training example left after encoding ({dict(dropped)})", file=str(train_file))
+    notes = {k: v for k, v in stats.items()}
+    for k, v in dropped.items():
+        notes[f"train dropped: {k}"] = v
+    for k, v in val_dropped.items():
+        notes[f"val dropped: {k}"] = v
+    say(f"sft: {len(train_records)} train / {len(val_records)} val records -> {len(train_examples)} / "
+        f"{len(val_examples)} examples; template {style}, conditioning {cfg.conditioning}"
+        + (f" ({schema.levels} levels: {', '.join(schema.names)})" if schema else ""))  # fmt: skip
+    for k, v in notes.items():
+        say(f"sft:   {k}: {v}")
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        config_lib.save(cfg, out)
+
+    # 4. train; the best model by validation loss is saved as out/best
+    out_meta = {"attributes": schema.to_dict() if schema else None, "template": style,
+                "conditioning": cfg.conditioning, "base_model": cfg.model, "lora": lora}  # fmt: skip
+
+    def save_best(m, metrics: dict) -> None:
+        models.save_model(m, tokenizer, out / BEST, META, out_meta)
+
+    collate = partial(collate_lm, pad_id=tokenizer.pad_token_id)
+    evaluate = make_evaluate(val_examples, collate, cfg.train.batch_size, accelerator) if val_examples else None
+    summary = train.fit(model, train_examples, collate, lm_loss, cfg.train, out, evaluate=evaluate,
+                        save_best=save_best, resume=cfg.resume, desc="sft", accelerator=accelerator)  # fmt: skip
+    trained = accelerator.unwrap_model(model)
+    if evaluate is None and accelerator.is_main_process:
+        save_best(trained, {})
+        say("sft: no validation data; best/ is the last model")
+    accelerator.wait_for_everyone()
+    summary.update(train_records=len(train_records), val_records=len(val_records), train_examples=len(train_examples),
+                   val_examples=len(val_examples), dropped=notes, num_processes=accelerator.num_processes,
+                   template=style, conditioning=cfg.conditioning, attributes=out_meta["attributes"], lora=lora,
+                   best_dir=str(out / BEST))  # fmt: skip
+    if accelerator.is_main_process:
+        write_json(out / SUMMARY, summary)
+    best = "n/a" if summary.get("best") is None else f"{summary['best']:.4f} at step {summary['best_step']}"
+    say(f"sft: {summary['steps']} steps in {summary['seconds']} s on {accelerator.num_processes} process(es); "
+        f"best val_loss {best} -> {out / BEST}")  # fmt: skip
+    return summary, trained
+
+
+def main(cfg: Config) -> dict:
+    return run(cfg)[0]

@@ -37,6 +37,7 @@ from transformers import (
     LlamaForCausalLM,
     PreTrainedTokenizerFast,
 )
+from transformers.utils import logging as hf_logging
 
 from steerlm.config import LoraArgs
 from steerlm.errors import UserError
@@ -55,6 +56,9 @@ _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _CACHE_VERSION = "v1"
 #: JSON files that steerlm writes beside a model (docs/architecture.md, "Model folders").
 META_NAMES = {"steerlm_model.json": "model", "steerlm_apm.json": "APM", "steerlm_rm.json": "reward model"}
+
+# Our stages show their own progress; transformers' per-load "Loading weights" bars would drown it.
+hf_logging.disable_progress_bar()
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,

@@ -79,7 +79,7 @@ def main(cfg: Config) -> dict:
     data_dir = out / "data"
     prep_cfg = _build(prepare, cfg.prepare, {"out": str(data_dir), "overwrite": True}, "prepare")
     results.append(run_stage("prepare", data_dir, prep_cfg, lambda: prepare.main(prep_cfg),
-                             metric=lambda r: f"{r.get('conversations', {}).get('train', '?')} train conversations"))  # fmt: skip
+                             metric=lambda r: f"{r.get('train', {}).get('records', '?')} train conversations"))  # fmt: skip
 
     # 1. attribute prediction model on the human labels
     apm_dir = out / "apm"
@@ -103,7 +103,7 @@ def main(cfg: Config) -> dict:
     ann_cfg = _build(annotate, cfg.annotate, {"apm": apm_model, "input": str(data_dir / "train.jsonl"),
                                               "out": str(ann_dir / "train.jsonl")}, "annotate")  # fmt: skip
     results.append(run_stage("annotate", ann_dir, ann_cfg, run_annotate, inputs=[apm_dir, data_dir],
-                             metric=lambda r: f"{(r.get('train') or {}).get('records', '?')} records"))  # fmt: skip
+                             metric=_annotate_metric))  # fmt: skip
 
     # 3. attribute-conditioned SFT
     sft_dir = out / "sft"
@@ -138,6 +138,10 @@ def main(cfg: Config) -> dict:
 def _apm_metric(r: dict) -> str:
     q = (r.get("val_metrics") or {}).get("quality") or {}
     return f"val quality spearman {q['spearman']:.3f}" if q.get("spearman") is not None else ""
+
+
+def _annotate_metric(r: dict) -> str:
+    return ", ".join(f"{split} {v.get('records', '?')} records" for split, v in r.items() if isinstance(v, dict))
 
 
 def _val_metric(r: dict) -> str:

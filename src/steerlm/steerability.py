@@ -58,7 +58,7 @@ def measure_attribute(generator, apm, prompts: Sequence[Record], attribute: str,
         measured_mean=[round(m, 3) for m in means],
         spearman=spearman(tags, measured),
         slope=None if slope is None else round(slope, 4),
-        monotone_steps=sum(b > a for a, b in zip(means, means[1:], strict=False)),
+        monotone_steps=sum(b > a + 1e-6 for a, b in zip(means, means[1:], strict=False)),
         answers={lv: [a for a, t in zip(answers, tags, strict=True) if t == lv] for lv in levels},
     )
 
@@ -73,3 +73,26 @@ def format_table(results: Sequence[AttributeResult]) -> str:
         steps = f"{r.monotone_steps}/{len(r.requested) - 1}"
         lines.append(f"  {r.attribute:<12} {cells}   spearman {rho}  slope {slope}  monotone {steps}")
     return "requested -> mean measured level (APM):\n" + "\n".join(lines)
+
+
+def summarize_measurements(attribute: str, requested: Sequence[int], measured: Sequence[float],
+                           answers: Sequence[str] | None = None) -> AttributeResult:  # fmt: skip
+    """The AttributeResult of answers already generated and measured elsewhere (e.g. read from the evaluation's
+    cache): one requested and one measured level per answer, any order. The same statistics as `measure_attribute`:
+    mean per requested level, Spearman over all answers, least-squares slope, rising consecutive steps."""
+    if len(requested) != len(measured):
+        raise ValueError(f"{len(requested)} requested levels but {len(measured)} measurements")
+    levels = sorted(set(requested))
+    by_level = {lv: [m for m, t in zip(measured, requested, strict=True) if t == lv] for lv in levels}
+    means = [float(np.mean(by_level[lv])) for lv in levels]
+    slope = float(np.polyfit(requested, measured, 1)[0]) if len(levels) > 1 else None
+    texts = list(answers) if answers is not None else []
+    return AttributeResult(
+        attribute=attribute,
+        requested=levels,
+        measured_mean=[round(m, 3) for m in means],
+        spearman=spearman(list(requested), list(measured)),
+        slope=None if slope is None else round(slope, 4),
+        monotone_steps=sum(b > a + 1e-6 for a, b in zip(means, means[1:], strict=False)),
+        answers={lv: [a for a, t in zip(texts, requested, strict=True) if t == lv] for lv in levels} if texts else {},
+    )

@@ -1,0 +1,103 @@
+"""`steerlm pipeline --preset tiny` end to end, stage skipping, and bootstrap (SPEC §5.4) on its outputs."""
+
+import json
+
+import pytest
+from conftest import SHARED_DATA
+
+from steerlm import bootstrap, cli
+from steerlm.attributes import AttributeSchema
+from steerlm.data.records import read_records
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    source = SHARED_DATA / "oasst1" / "oasst1-en-dev.jsonl"
+    if not source.exists():
+        pytest.skip("real data folder is absent")
+    out = tmp_path_factory.mktemp("pipe") / "run"
+    args = ["pipeline", "--preset", "tiny", f"--out={out}", f"--prepare.source={source}", "--prepare.max_trees=12"]
+    assert cli.run(args) == 0
+    return out, args
+
+
+def test_pipeline_writes_every_stage(tiny_run, capsys):
+    out, _ = tiny_run
+    for stage in ("data", "apm", "annotated", "sft", "bootstrap", "check"):
+        assert (out / stage / "done.json").exists(), stage
+    assert (out / "sft" / "best" / "steerlm_model.json").exists()
+    assert (out / "bootstrap" / "sft" / "best" / "steerlm_model.json").exists()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["model"].endswith("bootstrap/sft/best")
+    check = json.loads((out / "check" / "steerability.json").read_text())
+    assert set(check["attributes"]) == {"quality", "humor"}
+    assert all(len(v["measured_mean"]) == 2 for v in check["attributes"].values())
+
+
+def test_rerun_skips_finished_stages_and_reruns_changed_ones(tiny_run, capsys):
+    out, args = tiny_run
+    capsys.readouterr()
+    assert cli.run(args) == 0
+    text = capsys.readouterr().out
+    assert text.count("up to date, skipped") == 6
+    assert cli.run(args + ["--sft.train.max_steps=3"]) == 0
+    text = capsys.readouterr().out
+    for stage in ("prepare", "train-apm", "annotate"):
+        assert f"[{stage}] up to date" in text
+    for stage in ("sft", "bootstrap", "check"):  # sft changed, and everything downstream of it
+        assert f"[{stage}] running" in text
+
+
+def test_bootstrap_labels_come_from_the_apm(tiny_run):
+    out, _ = tiny_run
+    records = read_records(out / "bootstrap" / "bootstrap.jsonl")
+    schema = AttributeSchema(("quality", "toxicity", "humor", "creativity", "violence", "helpfulness",
+                              "not_appropriate", "hate_speech", "sexual_content", "fails_task"))  # fmt: skip
+    top = max(schema.parse(t.label, ignore_unknown=True).get("quality", 0)
+              for r in read_records(out / "annotated" / "train.jsonl") for t in r.assistant_turns if t.label)  # fmt: skip
+    for r in records:
+        last = r.conversations[-1]
+        assert schema.parse(last.extra["requested"])["quality"] == top  # only max-quality combinations requested
+        measured = {k: min(9, max(0, round(v))) for k, v in last.extra["measured"].items()}
+        assert schema.parse(last.label) == schema.restrict(measured)  # the label is what the APM measured
+    report = json.loads((out / "bootstrap" / "report.json").read_text())
+    assert report["n"] == len(records) and (out / "bootstrap" / "quality.png").exists()
+
+
+def test_bootstrap_generation_resumes_without_gaps_or_duplicates(tiny_run, tmp_path, monkeypatch):
+    out, _ = tiny_run
+    base = dict(model=str(out / "sft" / "best"), apm=str(out / "apm" / "best"), data=str(out / "annotated"),
+                num_prompts=6, max_new_tokens=6, batch_size=2, finetune=False)  # fmt: skip
+    reference = bootstrap.main(bootstrap.Config(out=str(tmp_path / "ref"), **base))
+
+    from steerlm import generate
+
+    real = generate.Generator.generate
+    calls = {"n": 0}
+
+    def dies_on_second_chunk(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(generate.Generator, "generate", dies_on_second_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        bootstrap.main(bootstrap.Config(out=str(tmp_path / "run"), **base))
+    monkeypatch.setattr(generate.Generator, "generate", real)
+    assert len(list((tmp_path / "run" / "generations").glob("*.jsonl"))) == 1
+    resumed = bootstrap.main(bootstrap.Config(out=str(tmp_path / "run"), resume=True, **base))
+    assert resumed["n"] == reference["n"]
+    assert (tmp_path / "run" / "bootstrap.jsonl").read_text() == (tmp_path / "ref" / "bootstrap.jsonl").read_text()
+
+
+def test_bootstrap_refuses_existing_output(tiny_run, tmp_path):
+    out, _ = tiny_run
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "f").write_text("")
+    cfg = bootstrap.Config(model=str(out / "sft" / "best"), apm=str(out / "apm" / "best"), data=str(out / "annotated"),
+                           out=str(tmp_path / "x"))  # fmt: skip
+    from steerlm.errors import UserError
+
+    with pytest.raises(UserError, match="--resume"):
+        bootstrap.main(cfg)

@@ -1,0 +1,539 @@
+"""Dynamic (continuous) batching for `steerlm serve`: one background thread decodes many requests together.
+
+Each answer to produce is a `Row`: prompt token ids, sampling settings (`generate.SamplingArgs`) and a `sink` that
+receives its text as it is generated. Rows wait in a bounded queue. The worker thread takes up to
+`max_batch_size` of them (waiting `batch_wait_s` for a batch to fill), prefills them left-padded in one forward
+pass and decodes them together, one token per row per step, with a KV cache. Between steps:
+- rows that finished (end of sequence, a stop string, their token budget) or were cancelled (the client went away)
+  leave the batch, and their KV-cache rows are dropped, so they cost nothing more;
+- waiting rows join the running batch (their prefill is merged into the cache, left-padded to a common length), so
+  a short request does not wait for a long one to finish.
+
+Every sampling setting (greedy, temperature, top-k, top-p, repetition penalty, seed, stop strings, minimum and
+maximum length, attribute guidance) is applied per row, so any requests can share a batch. A row with attribute
+guidance (`SamplingArgs.guidance_scale` != 1, see `generate.guidance_mix`) brings a shadow row with its neutral
+prompt: both decode in the same batch, the row samples from the mixed logits and the shadow is fed the same token. The semantics follow Hugging Face's
+`generate` logits processors, applied in the same order (repetition penalty, temperature, top-k, top-p), and each
+row samples from its own seeded `torch.Generator`, so a seeded request gives the same answer whatever it is
+batched with (up to floating-point differences of padded batches). Positions are given explicitly per row, so left
+padding never shifts a row's positions.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+log = logging.getLogger("steerlm.serve")
+
+#: Candidates taken per sampled row before top-p filtering (see `sample`).
+_CANDIDATES = 256
+#: Kinds of events a row's sink receives: ("text", str delta), ("done", Finished), ("error", message).
+TEXT, DONE, ERROR = "text", "done", "error"
+
+
+class QueueFull(Exception):
+    """The queue cannot take the rows of a request now (the caller answers 429 and the client retries)."""
+
+
+@dataclass
+class Finished:
+    """What a row produced when it ended."""
+
+    text: str
+    """The answer (stop strings removed, or kept for NeMo-style `include_stop` rows)."""
+    token_ids: list[int]
+    """Generated token ids (the end-of-sequence token excluded)."""
+    finish_reason: str
+    """'stop' (end of sequence or a stop string) or 'length' (token budget reached)."""
+
+
+@dataclass(eq=False)
+class Row:
+    """One answer to generate. The sink is called from the worker thread; it must be quick and thread-safe."""
+
+    prompt_ids: list[int]
+    sampling: Any
+    """A `generate.SamplingArgs` (or anything with the same fields)."""
+    sink: Callable[[str, Any], None]
+    include_stop: bool = False
+    """Keep the stop string that ended the answer in its text (NeMo's /generate does)."""
+    strip_newline: bool = False
+    """Drop one newline at the end of the answer (the newline before a chat template's end-of-turn, SPEC §3)."""
+    cancelled: bool = False
+    """Set (from any thread) when nobody waits for this row any more; the worker drops it at the next step."""
+    shadow: Row | None = field(default=None, repr=False)
+    """The neutral-prompt row of attribute guidance (decoded beside this one, never reported)."""
+    main: Row | None = field(default=None, repr=False)
+    """For a shadow row: the row it belongs to."""
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    sent: int = 0
+    finish_reason: str | None = None
+    enqueued_at: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    _generator: torch.Generator | None = None
+    _checked: int = 0
+
+    @property
+    def active(self) -> bool:
+        owner = self.main or self
+        return owner.finish_reason is None and not owner.cancelled
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def guide(self, neutral_ids: list[int]) -> Row:
+        """Decode with attribute guidance against `neutral_ids` (at `sampling.guidance_scale`); returns self."""
+        self.shadow = Row(neutral_ids, self.sampling, _ignore, main=self)
+        return self
+
+
+def _ignore(_kind: str, _payload: Any) -> None:
+    pass
+
+
+@dataclass
+class Stats:
+    """Counters the server's /metrics reports (updated by the worker thread only)."""
+
+    batches: int = 0
+    """Forward passes over a batch (prefills and decode steps)."""
+    decode_steps: int = 0
+    rows_in_steps: int = 0
+    """Sum of batch sizes over decode steps (mean batch size = rows_in_steps / decode_steps)."""
+    max_batch: int = 0
+    rows_started: int = 0
+    rows_finished: int = 0
+    rows_cancelled: int = 0
+    rows_failed: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    ttft: deque = field(default_factory=lambda: deque(maxlen=2048))
+    """Seconds from enqueueing to the first generated token, for recent rows."""
+
+
+class Engine:
+    """Owns the model on a background thread; `submit` rows from any thread."""
+
+    def __init__(self, model, tokenizer, *, max_batch_size: int = 16, max_queue: int = 256,
+                 batch_wait_s: float = 0.01, eos_ids: Sequence[int] | None = None):  # fmt: skip
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch_size, self.max_queue, self.batch_wait_s = max_batch_size, max_queue, batch_wait_s
+        self.eos_ids = sorted(set(eos_ids if eos_ids is not None else _eos_ids(model, tokenizer)))
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos_ids or [0])[0]
+        self.device = next(model.parameters()).device
+        self.stats = Stats()
+        self._waiting: deque[Row] = deque()
+        self._running = 0
+        self._batch: _Batch | None = None
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._keep_logits = _supports_logits_to_keep(model)
+
+    # ------------------------------------------------------------ public API (any thread)
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._run, name="steerlm-batcher", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        running = self._batch.rows if self._batch is not None else []
+        for row in running + self._drain():
+            if row.main is None and row.finish_reason is None:
+                row.sink(ERROR, "the server is shutting down")
+
+    def submit(self, rows: Sequence[Row]) -> None:
+        """Queue the rows of one request together, or raise QueueFull without queueing any of them."""
+        with self._cond:
+            self._waiting = deque(r for r in self._waiting if not r.cancelled)
+            if len(self._waiting) + len(rows) > self.max_queue:
+                raise QueueFull(f"{len(self._waiting)} answers are waiting (the limit is {self.max_queue})")
+            if self._stopping:
+                raise QueueFull("the server is shutting down")
+            now = time.perf_counter()
+            for r in rows:
+                r.enqueued_at = now
+            self._waiting.extend(rows)
+            self._cond.notify_all()
+
+    @property
+    def queue_length(self) -> int:
+        return sum(1 for r in list(self._waiting) if not r.cancelled)
+
+    @property
+    def running(self) -> int:
+        return self._running
+
+    # ------------------------------------------------------------ the worker
+
+    def _drain(self) -> list[Row]:
+        with self._cond:
+            rows, self._waiting = list(self._waiting), deque()
+        return rows
+
+    def _take(self, limit: int, block: bool) -> list[Row]:
+        """Up to `limit` waiting rows. Blocking (the batch is empty): wait for one, then up to `batch_wait_s` for
+        more so that requests arriving together share the prefill."""
+        with self._cond:
+            if block:
+                while not self._stopping and not any(r.active for r in self._waiting):
+                    self._cond.wait(timeout=1.0)
+                deadline = time.monotonic() + self.batch_wait_s
+                while not self._stopping and len(self._waiting) < limit:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(timeout=left)
+            taken: list[Row] = []
+            while self._waiting and len(taken) < limit:
+                row = self._waiting[0]
+                need = 2 if row.shadow is not None else 1
+                if taken and len(taken) + need > limit:
+                    break
+                self._waiting.popleft()
+                if row.cancelled:
+                    self.stats.rows_cancelled += 1
+                    continue
+                taken.append(row)
+                if row.shadow is not None:
+                    taken.append(row.shadow)
+            return taken
+
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        batch: _Batch | None = None
+        while not self._stopping:
+            new: list[Row] = []
+            try:
+                if batch is None:
+                    new = self._take(self.max_batch_size, block=True)
+                    if not new:
+                        continue
+                    batch = self._prefill(new)
+                elif batch.mergeable and self._waiting and len(batch.rows) < self.max_batch_size:
+                    new = self._take(self.max_batch_size - len(batch.rows), block=False)
+                    if new:
+                        batch = _merge(batch, self._prefill(new))
+                new = []
+                self._batch, self._running = batch, len(batch.rows)
+                batch = self._step(batch)
+            except Exception as e:  # a bug or resource error: fail these requests, keep serving others
+                log.exception("generation failed")
+                for row in (batch.rows if batch is not None else []) + new:
+                    if row.main is None:
+                        self.stats.rows_failed += 1
+                        row.finish_reason = "error"
+                        row.sink(ERROR, f"generation failed: {type(e).__name__}: {e}")
+                batch = None
+            if batch is None:
+                self._batch, self._running = None, 0
+
+    def _forward(self, **kwargs):
+        if self._keep_logits:
+            kwargs["logits_to_keep"] = 1
+        with torch.inference_mode():
+            out = self.model(use_cache=True, **kwargs)
+        self.stats.batches += 1
+        return out.logits[:, -1, :].float(), out.past_key_values
+
+    def _prefill(self, rows: list[Row]) -> _Batch:
+        width = max(len(r.prompt_ids) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids, dtype=torch.long)
+            mask[i, width - len(r.prompt_ids) :] = 1
+            if r.main is None:
+                self.stats.rows_started += 1
+                self.stats.prompt_tokens += len(r.prompt_ids)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits, cache = self._forward(input_ids=ids, attention_mask=mask, position_ids=positions)
+        return _Batch(list(rows), cache, mask, mask.sum(-1), logits)
+
+    def _step(self, batch: _Batch) -> _Batch | None:
+        """Sample one token for every row, hand out text, drop finished rows, run the next forward pass."""
+        rows = batch.rows
+        mains = [i for i, r in enumerate(rows) if r.main is None]
+        logits = batch.logits
+        pairs = []  # (row, its shadow) positions of guided rows
+        if len(mains) < len(rows):
+            where = {id(r): i for i, r in enumerate(rows)}
+            pairs = [(i, where[id(rows[i].shadow)]) for i in mains if rows[i].shadow is not None]
+            logits = logits.clone()
+            for i, j in pairs:  # generate.guidance_mix: l(neutral) + s * (l(requested) - l(neutral))
+                scale = rows[i].sampling.guidance_scale
+                logits[i] = logits[j] + scale * (logits[i] - logits[j])
+        chosen = sample(logits[mains] if pairs else logits, [rows[i] for i in mains], self.eos_ids)
+        next_ids = torch.empty(len(rows), dtype=torch.long)
+        next_ids[mains] = chosen
+        for i, j in pairs:
+            next_ids[j] = next_ids[i]
+        now = time.perf_counter()
+        for i in mains:
+            row = rows[i]
+            if row.cancelled:
+                self.stats.rows_cancelled += 1
+                continue
+            if row.first_token_at is None:
+                row.first_token_at = now
+                self.stats.ttft.append(now - row.enqueued_at)
+            self._advance(row, int(next_ids[i]))
+        keep = [i for i, r in enumerate(rows) if r.active]
+        if not keep:
+            return None
+        if len(keep) < len(rows):
+            batch = batch.select(keep)
+            next_ids = next_ids[keep]
+        batch.mask = torch.cat([batch.mask, batch.mask.new_ones((len(batch.rows), 1))], dim=1)
+        self.stats.decode_steps += 1
+        self.stats.rows_in_steps += len(batch.rows)
+        self.stats.max_batch = max(self.stats.max_batch, len(batch.rows))
+        batch.logits, batch.cache = self._forward(
+            input_ids=next_ids[:, None].to(self.device),
+            attention_mask=batch.mask,
+            position_ids=batch.positions[:, None],
+            past_key_values=batch.cache,
+        )
+        batch.positions = batch.positions + 1
+        return batch
+
+    def _advance(self, row: Row, token: int) -> None:
+        """Append one token to a row, detect its end, and send the text that is certain by now."""
+        s = row.sampling
+        self.stats.generated_tokens += 1
+        if token in self.eos_ids and len(row.tokens) >= (s.min_new_tokens or 0):
+            self._finish(row, row.text, "stop")
+            return
+        row.tokens.append(token)
+        row.text = self._detokenize(row)
+        stops = [x for x in (s.stop or []) if x]
+        if stops:
+            hit = _find_stop(row.text, stops, row._checked)
+            if hit is not None and len(row.tokens) >= (s.min_new_tokens or 0):
+                at, stop = hit
+                self._finish(row, row.text[: at + (len(stop) if row.include_stop else 0)], "stop")
+                return
+            row._checked = max(0, len(row.text) - max(len(x) for x in stops) + 1)
+        if len(row.tokens) >= s.max_new_tokens:
+            self._finish(row, row.text, "length")
+            return
+        safe = _safe_length(row.text, stops, row.strip_newline)
+        if safe > row.sent:
+            row.sink(TEXT, row.text[row.sent : safe])
+            row.sent = safe
+
+    def _finish(self, row: Row, text: str, reason: str) -> None:
+        if row.strip_newline and text.endswith("\n"):
+            text = text[:-1]
+        if len(text) > row.sent and text.startswith(row.text[: row.sent]):
+            row.sink(TEXT, text[row.sent :])
+        row.text, row.sent, row.finish_reason = text, len(text), reason
+        self.stats.rows_finished += 1
+        row.sink(DONE, Finished(text, list(row.tokens), reason))
+
+    def _detokenize(self, row: Row) -> str:
+        # Decode with a few prompt tokens in front and cut their text off: SentencePiece tokenizers drop the leading
+        # space of a sequence's first token, so decoding the new tokens alone could lose it.
+        context = row.prompt_ids[-4:]
+        decode = self._decode_text
+        head = decode(context) if context else ""
+        full = decode(context + row.tokens)
+        return full[len(head) :] if full.startswith(head) else decode(row.tokens)
+
+    def _decode_text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+@dataclass
+class _Batch:
+    rows: list[Row]
+    cache: Any
+    mask: torch.Tensor
+    """Attention mask over cached positions plus the next one, [B, L]; 0 on left padding."""
+    positions: torch.Tensor
+    """Position id of each row's next token (its count of real tokens so far)."""
+    logits: torch.Tensor
+    """Next-token logits of each row, [B, V], float32."""
+
+    @property
+    def mergeable(self) -> bool:
+        return _plain_layers(self.cache) is not None
+
+    def select(self, keep: list[int]) -> _Batch:
+        index = torch.tensor(keep, device=self.mask.device)
+        self.cache.batch_select_indices(index)
+        return _Batch([self.rows[i] for i in keep], self.cache, self.mask[index], self.positions[index],
+                      self.logits[index])  # fmt: skip
+
+
+def _plain_layers(cache):
+    """The cache's layers when every one is a plain `DynamicLayer` (tensors [B, H, L, D]) that may be re-padded and
+    concatenated; None for other caches (sliding windows, quantised, ...), which then do not accept joining rows."""
+    try:
+        from transformers.cache_utils import DynamicLayer
+    except ImportError:  # pragma: no cover - older transformers
+        return None
+    layers = getattr(cache, "layers", None)
+    if not layers or any(type(layer) is not DynamicLayer or not layer.is_initialized for layer in layers):
+        return None
+    return layers
+
+
+def _left_pad(x: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    missing = width - x.shape[dim]
+    if missing == 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = missing
+    return torch.cat([x.new_zeros(shape), x], dim=dim)
+
+
+def _merge(a: _Batch, b: _Batch) -> _Batch:
+    """One batch of both: caches and masks left-padded to the longer length (padding is masked out; each row's
+    keys were rotated at its own positions, so where they sit in the tensor does not matter)."""
+    la, lb = _plain_layers(a.cache), _plain_layers(b.cache)
+    if la is None or lb is None or len(la) != len(lb):
+        raise RuntimeError("cannot merge these KV caches")
+    width = max(a.mask.shape[1], b.mask.shape[1])
+    for x, y in zip(la, lb, strict=True):
+        x.keys = torch.cat([_left_pad(x.keys, width, 2), _left_pad(y.keys, width, 2)], dim=0)
+        x.values = torch.cat([_left_pad(x.values, width, 2), _left_pad(y.values, width, 2)], dim=0)
+    mask = torch.cat([_left_pad(a.mask, width, 1), _left_pad(b.mask, width, 1)], dim=0)
+    return _Batch(
+        a.rows + b.rows, a.cache, mask, torch.cat([a.positions, b.positions]), torch.cat([a.logits, b.logits])
+    )
+
+
+# ---------------------------------------------------------------- sampling (per row, vectorised where it pays)
+
+
+def sample(logits: torch.Tensor, rows: Sequence[Row], eos_ids: Sequence[int]) -> torch.Tensor:
+    """One next token per row, each row with its own settings: repetition penalty, then greedy argmax, or
+    temperature, top-k and top-p filtering (as Hugging Face's processors, in that order) and a draw from the row's
+    own generator. Before `min_new_tokens` the end-of-sequence tokens cannot be chosen."""
+    logits = logits.clone()
+    for i, row in enumerate(rows):
+        s = row.sampling
+        if s.repetition_penalty and s.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(row.prompt_ids) | set(row.tokens)), device=logits.device)
+            seen = seen[seen < logits.shape[1]]
+            scores = logits[i, seen]
+            logits[i, seen] = torch.where(scores > 0, scores / s.repetition_penalty, scores * s.repetition_penalty)
+        if eos_ids and len(row.tokens) < (s.min_new_tokens or 0):
+            logits[i, [e for e in eos_ids if e < logits.shape[1]]] = float("-inf")
+    out = logits.argmax(dim=-1)
+    drawn = [i for i, r in enumerate(rows) if not _is_greedy(r.sampling)]
+    if not drawn:
+        return out.cpu()
+    temps = torch.tensor([float(rows[i].sampling.temperature) for i in drawn], device=logits.device)
+    probs = (logits[drawn] / temps[:, None]).softmax(dim=-1)
+    # Sorting the whole vocabulary per row costs as much as a decode step with SmolLM2's 49k tokens; the nucleus
+    # almost always lies within the few hundred most likely tokens, so those are taken with topk, and a row falls
+    # back to a full sort only when they do not reach its top_p (the result is the same either way).
+    vocab = probs.shape[1]
+    width = min(vocab, max([_CANDIDATES] + [int(rows[i].sampling.top_k or 0) for i in drawn]))
+    top_probs, top_ids = probs.topk(width, dim=-1)
+    for j, i in enumerate(drawn):
+        s = rows[i].sampling
+        k, p = min(int(s.top_k or 0), vocab), float(s.top_p or 1.0)
+        ids = None
+        if k > 0:  # top-k, renormalised before top-p (HF's order)
+            cand, ids = top_probs[j, :k], top_ids[j, :k]
+            cand = cand / cand.sum()
+        elif p < 1.0 and float(top_probs[j].sum()) >= p:
+            cand, ids = top_probs[j], top_ids[j]
+        elif p < 1.0:
+            cand, ids = probs[j].sort(descending=True)
+        else:
+            cand = probs[j]
+        if p < 1.0:  # the smallest prefix whose mass reaches p: a token goes when the mass before it exceeds p
+            n = max(1, int(((cand.cumsum(0) - cand) <= p).sum()))
+            cand, ids = cand[:n], ids[:n]
+        pick = torch.multinomial(cand, 1, generator=_generator(rows[i], probs.device))
+        out[i] = ids[pick[0]] if ids is not None else pick[0]
+    return out.cpu()
+
+
+def _is_greedy(s) -> bool:
+    return bool(s.greedy) or not s.temperature or s.temperature <= 0
+
+
+def _generator(row: Row, device: torch.device) -> torch.Generator:
+    if row._generator is None:
+        seed = row.sampling.seed
+        row._generator = torch.Generator(device=device)
+        row._generator.manual_seed(int(seed) if seed is not None else secrets.randbits(63))
+    return row._generator
+
+
+# ---------------------------------------------------------------- text helpers
+
+
+def _find_stop(text: str, stops: Sequence[str], start: int) -> tuple[int, str] | None:
+    """The earliest stop string in `text[start:]` (earliest position wins; at equal positions the longest)."""
+    best = None
+    for stop in stops:
+        at = text.find(stop, start)
+        if at >= 0 and (best is None or at < best[0] or (at == best[0] and len(stop) > len(best[1]))):
+            best = (at, stop)
+    return best
+
+
+def _safe_length(text: str, stops: Sequence[str], strip_newline: bool) -> int:
+    """How much of `text` can be sent now: hold back an incomplete UTF-8 character, a tail that may be the start of
+    a stop string, and (chat answers) a final newline that may turn out to precede the end of the turn."""
+    end = len(text)
+    while end > 0 and text[end - 1] == "\ufffd":
+        end -= 1
+    hold = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, end), hold, -1):
+            if text[end - n : end] == stop[:n]:
+                hold = n
+                break
+    end -= hold
+    if strip_newline and end > 0 and text[end - 1] == "\n":
+        end -= 1
+    return end
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    config = getattr(model, "generation_config", None)
+    eos = getattr(config, "eos_token_id", None)
+    if isinstance(eos, int):
+        ids.add(eos)
+    elif isinstance(eos, (list, tuple)):
+        ids.update(int(x) for x in eos)
+    return sorted(ids)
+
+
+def _supports_logits_to_keep(model) -> bool:
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return "logits_to_keep" in inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return False

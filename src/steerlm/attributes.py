@@ -187,3 +187,107 @@ def parse_assignment(text: str) -> tuple[str, int]:
     if not sep or not name or not value.lstrip("-").isdigit():
         raise UserError(f"expected name=level, e.g. humor=7, not {text!r}")
     return name, int(value)
+
+
+# ---------------------------------------------------------------- computed attributes (issue #8)
+
+#: Attributes computed from the response text itself rather than labelled by people or an APM. They can sit beside
+#: the human attributes in the attribute string and are measured without an APM (steerability check).
+COMPUTED = ("verbosity",)
+
+
+def word_count(text: str) -> int:
+    """Length of a response in whitespace-separated words: the unit of `verbosity`. Words, not tokens, so that the
+    level of a text is the same for every tokenizer (data preparation has none) and for every model measured."""
+    return len(text.split())
+
+
+@dataclass(frozen=True)
+class LengthBuckets:
+    """`verbosity`: a response's length bucket 0..L-1, cut at the L-quantiles of the training responses' word counts.
+
+    `edges` holds the L-1 cut points (ascending); a response with n words gets level `#{edges <= n}`, so level 0 is
+    shorter than the first edge and level L-1 at least as long as the last one. The edges are fitted once (`fit`) and
+    stored with the data (`computed.json` of `steerlm prepare`) and the model (`steerlm_model.json`), so training,
+    inference and measurement all use the same ones."""
+
+    edges: tuple[float, ...]
+    """L-1 ascending cut points in words."""
+    unit: str = "words"
+    """What is counted (only 'words' so far)."""
+
+    def __post_init__(self):
+        object.__setattr__(self, "edges", tuple(float(e) for e in self.edges))
+        if not self.edges:
+            raise ValueError("length buckets need at least one edge")
+        if any(b < a for a, b in zip(self.edges, self.edges[1:], strict=False)):
+            raise ValueError(f"length bucket edges must ascend: {list(self.edges)}")
+        if self.unit != "words":
+            raise ValueError(f"unknown length unit {self.unit!r}; known: words")
+
+    @property
+    def levels(self) -> int:
+        return len(self.edges) + 1
+
+    @classmethod
+    def fit(cls, texts: Iterable[str], levels: int) -> LengthBuckets:
+        """Quantile edges of the word counts of `texts` (duplicates counted once: OASST paths repeat answers)."""
+        counts = sorted(word_count(t) for t in dict.fromkeys(texts))
+        if not counts:
+            raise ValueError("no responses to fit length buckets on")
+        return cls(tuple(_quantile(counts, k / levels) for k in range(1, levels)))
+
+    def level_of_count(self, n: int) -> int:
+        from bisect import bisect_right
+
+        return bisect_right(self.edges, n)
+
+    def level(self, text: str) -> int:
+        """The verbosity level of a response."""
+        return self.level_of_count(word_count(text))
+
+    def to_dict(self) -> dict:
+        return {"unit": self.unit, "edges": list(self.edges)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> LengthBuckets:
+        return cls(tuple(d["edges"]), d.get("unit", "words"))
+
+
+def _quantile(sorted_values: list[int], q: float) -> float:
+    """Linear-interpolation quantile (numpy's default), without numpy."""
+    pos = q * (len(sorted_values) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return round(sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo), 3)
+
+
+def computed_from_dict(d: Mapping | None) -> dict[str, LengthBuckets]:
+    """`{"verbosity": {...}}` (as stored in `computed.json` / `steerlm_model.json`) -> name -> measurer."""
+    out = {}
+    for name, spec in (d or {}).items():
+        if name not in COMPUTED:
+            raise ValueError(f"unknown computed attribute {name!r}; known: {', '.join(COMPUTED)}")
+        out[name] = LengthBuckets.from_dict(spec)
+    return out
+
+
+def computed_to_dict(computed: Mapping[str, LengthBuckets]) -> dict:
+    return {name: m.to_dict() for name, m in computed.items()}
+
+
+def flip_levels(levels: Mapping[str, int], max_level: int) -> dict[str, int]:
+    """Every level mirrored (q -> L-1-q): the 'wrong' attribute string of the flip-gap likelihood check."""
+    return {k: max_level - v for k, v in levels.items()}
+
+
+def with_computed(label: str | None, text: str, computed: Mapping[str, LengthBuckets], levels: int) -> str | None:
+    """Attribute string `label` with the computed attributes of response `text` set (added, or replaced), in
+    canonical order; the other attributes are kept as they are."""
+    if not computed:
+        return label
+    pairs = dict(p.split(":", 1) for p in (label or "").split(",") if p)
+    for name, measurer in computed.items():
+        pairs[name] = str(min(levels - 1, measurer.level(text)))
+    schema = AttributeSchema(tuple(pairs), levels)
+    return schema.render(schema.parse(",".join(f"{k}:{v}" for k, v in pairs.items())))

@@ -11,7 +11,8 @@ SPEC §3), so the model sees exactly the tokens it was trained on. Unspecified a
 A model trained without attributes ignores requested attributes.
 
 Decoding is a small batched loop with a KV cache (left padding, finished rows leave the batch), so every sampling
-setting is explicit and a logits hook can mix the logits of several prompts per answer (attribute guidance).
+setting is explicit and a logits hook can mix the logits of several prompts per answer: attribute guidance
+(`SamplingArgs.guidance_scale`, docs/steering.md) runs the requested and a neutral prompt in one forward pass.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Any
 import torch
 
 from steerlm import models
-from steerlm.attributes import AttributeSchema, parse_assignment
+from steerlm.attributes import AttributeSchema, LengthBuckets, computed_from_dict, parse_assignment
 from steerlm.data import templates
 from steerlm.data.collate import pad
 from steerlm.data.records import ASSISTANT, DEFAULT_SYSTEM, USER, Record, Turn, record_from_json
@@ -61,6 +62,13 @@ class SamplingArgs:
     """Extra strings that end an answer (the template's own end marker always does); the answer excludes them."""
     seed: int | None = None
     """Seed for sampling; the same seed, prompts and batch size give the same answers."""
+    guidance_scale: float = 1.0
+    """Attribute guidance s: next-token logits = l(neutral) + s * (l(requested) - l(neutral)). 1 is plain SteerLM (no
+    extra compute); s > 1 amplifies what the requested attributes change, at up to twice the compute (both prompts
+    run in one batched forward pass; 1.6-1.7x measured on CPU). Ignored by models trained without attributes."""
+    guidance_reference: str = ""
+    """The neutral condition of attribute guidance: '' is the unconditional prompt (no attribute line; learned from
+    `steerlm sft --label_dropout`), or an attribute string (unspecified attributes at their defaults)."""
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -77,6 +85,8 @@ class SamplingArgs:
             raise ValueError(f"repetition_penalty must be positive, not {self.repetition_penalty}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty")
+        if not 0 <= self.guidance_scale <= 100:
+            raise ValueError(f"guidance_scale must be in [0, 100], not {self.guidance_scale}")
 
     @property
     def is_greedy(self) -> bool:
@@ -111,9 +121,22 @@ class _Row:
 
 
 #: Mixes the logits of the row groups of one step into the logits that pick the next token:
-#: (group, batch, vocab) -> (batch, vocab). Attribute guidance would be e.g. `lambda x: x[0] + w * (x[0] - x[1])`
-#: with group 0 the conditional and group 1 the unconditional prompts (`inference_segments(record, None)`).
+#: (group, batch, vocab) -> (batch, vocab). Attribute guidance (`guidance_mix`) takes group 0 as the requested and
+#: group 1 as the neutral condition (`inference_segments(record, None)` or a reference attribute string).
 LogitsMix = Callable[[torch.Tensor], torch.Tensor]
+
+
+def guidance_mix(scale: float) -> LogitsMix:
+    """Attribute guidance, classifier-free-guidance style (Ho & Salimans 2022; for LMs Sanchez et al. 2023):
+    l = l(neutral) + s * (l(requested) - l(neutral)), on the raw logits of the step (a per-row constant shift of
+    either side does not change the softmax, so logits and log-probabilities give the same distribution). Sampling
+    settings (repetition penalty, temperature, top-k/p) are applied to the mixed logits."""
+
+    def mix(logits: torch.Tensor) -> torch.Tensor:
+        requested, neutral = logits[0], logits[1]
+        return neutral + scale * (requested - neutral)
+
+    return mix
 
 
 class Generator:
@@ -132,6 +155,9 @@ class Generator:
         self.model, self.tokenizer = model.eval(), tokenizer
         self.schema = schema if conditioning == "attributes" else None
         self.template, self.conditioning, self.system = template, conditioning, system
+        #: Computed attributes of the model (`verbosity` -> its length buckets, from `steerlm_model.json`), so the
+        #: steerability check measures answers with the edges the model was trained with.
+        self.computed: dict[str, LengthBuckets] = {}
         self.device = next(model.parameters()).device
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         # Any special token ends an answer: EOS, a chat template's turn markers, <|endoftext|>, and NeMo's
@@ -163,7 +189,13 @@ class Generator:
                 raise UserError(f"bad attributes entry: {e}", file=str(folder / META)) from None
             style = meta.get("template", "chat")
             conditioning = meta.get("conditioning", "attributes" if schema else "none")
-        return cls(model, tokenizer, schema=schema, template=template or style, conditioning=conditioning)
+            try:
+                computed = computed_from_dict(meta.get("computed"))
+            except (KeyError, TypeError, ValueError) as e:
+                raise UserError(f"bad computed entry: {e}", file=str(folder / META)) from None
+        gen = cls(model, tokenizer, schema=schema, template=template or style, conditioning=conditioning)
+        gen.computed = computed if meta is not None else {}
+        return gen
 
     # ------------------------------------------------------------ prompts
 
@@ -210,6 +242,22 @@ class Generator:
         """Token ids of the prompt, tokenized segment by segment exactly as in training."""
         return templates.encode_text_segments(self.prompt_segments(conversation, attributes), self.tokenizer)
 
+    def guided(self, sampling: SamplingArgs | None) -> bool:
+        """Whether `sampling` asks for attribute guidance that this model can do (an attribute-conditioned model and
+        a scale other than 1)."""
+        return sampling is not None and self.schema is not None and sampling.guidance_scale != 1.0
+
+    def neutral_segments(self, conversation, sampling: SamplingArgs) -> list[str]:
+        """The neutral-condition prompt of attribute guidance: the conversation with no attribute line on the answer
+        (`inference_segments(record, None)`: what SFT's label dropout teaches), or with the reference attribute
+        string `sampling.guidance_reference` (unspecified attributes at their defaults)."""
+        record = self.as_record(conversation)
+        reference = self.attribute_string(sampling.guidance_reference) if sampling.guidance_reference else None
+        return templates.inference_segments(record, reference, self.template, self.tokenizer)
+
+    def neutral_ids(self, conversation, sampling: SamplingArgs) -> list[int]:
+        return templates.encode_text_segments(self.neutral_segments(conversation, sampling), self.tokenizer)
+
     def stop_strings(self, sampling: SamplingArgs, raw: bool = False) -> list[str]:
         own = [] if raw else templates.stop_strings(self.template, self.tokenizer)
         return list(dict.fromkeys(own + list(sampling.stop)))
@@ -237,7 +285,8 @@ class Generator:
             conversations = [conversations]
         per = self._per_conversation(attributes, len(conversations))
         prompts = [self.prompt_ids(c, a) for c, a in zip(conversations, per, strict=True)]
-        return self.generate_ids(prompts, sampling, batch_size)
+        neutral = [self.neutral_ids(c, sampling) for c in conversations] if self.guided(sampling) else None
+        return self.generate_ids(prompts, sampling, batch_size, neutral=neutral)
 
     def complete(self, texts: Sequence[str], sampling: SamplingArgs | None = None, batch_size: int = 8,
                  add_bos: bool = False) -> list[Generation]:  # fmt: skip
@@ -247,18 +296,26 @@ class Generator:
         return self.generate_ids(prompts, sampling, batch_size, raw=True)
 
     def generate_ids(self, prompts: list[list[int]], sampling: SamplingArgs | None = None, batch_size: int = 8,
-                     raw: bool = False) -> list[Generation]:  # fmt: skip
-        """Generate from token-id prompts in batches (longest first, to pad little); results in input order."""
+                     raw: bool = False, neutral: list[list[int]] | None = None) -> list[Generation]:  # fmt: skip
+        """Generate from token-id prompts in batches (longest first, to pad little); results in input order.
+        With `neutral` (one neutral-condition prompt per prompt), tokens are picked by attribute guidance at
+        `sampling.guidance_scale`; both prompts of an answer run in the same forward pass."""
         sampling = sampling or SamplingArgs()
-        if any(not p for p in prompts):
+        if any(not p for p in prompts) or (neutral is not None and any(not p for p in neutral)):
             raise UserError("empty prompt")
+        if neutral is not None and len(neutral) != len(prompts):
+            raise ValueError(f"{len(neutral)} neutral prompts for {len(prompts)} prompts")
         rng = self._rng(sampling)
         stops = self.stop_strings(sampling, raw)
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
         results: list[Generation | None] = [None] * len(prompts)
         for start in range(0, len(order), max(1, batch_size)):
             idx = order[start : start + batch_size]
-            *_, rows = self._decode([prompts[i] for i in idx], sampling, stops, rng)  # run to the end
+            batch, guide = [prompts[i] for i in idx], {}
+            if neutral is not None:
+                batch += [neutral[i] for i in idx]
+                guide = {"mix": guidance_mix(sampling.guidance_scale), "groups": 2}
+            *_, rows = self._decode(batch, sampling, stops, rng, **guide)  # run to the end
             for i, row in zip(idx, rows, strict=True):
                 results[i] = Generation(self._final_text(row.text, raw), row.tokens, len(prompts[i]), row.finish)
         return results  # type: ignore[return-value]
@@ -267,13 +324,19 @@ class Generator:
         """Text pieces of one answer as they are generated; joined, they equal `generate([conversation])[0]` for
         the same sampling. Text that may turn out to be (the start of) a stop string is held back until it is
         known not to be."""
-        return self.stream_ids(self.prompt_ids(conversation, attributes), sampling)
+        neutral = self.neutral_ids(conversation, sampling) if self.guided(sampling) else None
+        return self.stream_ids(self.prompt_ids(conversation, attributes), sampling, neutral=neutral)
 
-    def stream_ids(self, prompt: list[int], sampling: SamplingArgs | None = None, raw: bool = False) -> Iterator[str]:
+    def stream_ids(self, prompt: list[int], sampling: SamplingArgs | None = None, raw: bool = False,
+                   neutral: list[int] | None = None) -> Iterator[str]:  # fmt: skip
         sampling = sampling or SamplingArgs()
         stops = self.stop_strings(sampling, raw)
         emitted = ""
-        for (row,) in self._decode([prompt], sampling, stops, self._rng(sampling)):
+        prompts, guide = [prompt], {}
+        if neutral is not None:
+            prompts.append(neutral)
+            guide = {"mix": guidance_mix(sampling.guidance_scale), "groups": 2}
+        for (row,) in self._decode(prompts, sampling, stops, self._rng(sampling), **guide):
             if row.finish is not None:
                 visible = self._final_text(row.text, raw)
             else:
@@ -521,8 +584,8 @@ def read_prompts(path: str) -> list[tuple[Record | str, dict, dict]]:
 def main(cfg: Config) -> int:
     levels = read_attributes(cfg.attrs_file, cfg.attr)
     gen = load_generator(cfg)
-    if gen.schema is None and levels:
-        print(f"note: {cfg.model} is not attribute-conditioned; the attributes are ignored", file=sys.stderr)
+    if gen.schema is None and (levels or cfg.guidance_scale != 1.0):
+        print(f"note: {cfg.model} is not attribute-conditioned; attributes and guidance are ignored", file=sys.stderr)
     sampling = sampling_from(cfg)
     if cfg.prompts:
         if cfg.out and Path(cfg.out).exists() and not cfg.overwrite:

@@ -35,6 +35,11 @@ class CheckArgs:
     """Sampling temperature of the check's answers."""
     seed: int = 7
     """Seed of prompt choice and sampling."""
+    guidance_scale: float = 1.0
+    """Attribute guidance of the check's and the demo's answers (1: plain SteerLM; docs/steering.md)."""
+    compare_guidance: list[float] = field(default_factory=list)
+    """Further guidance scales to run the check at, reported beside the main one (e.g. [1.0] to see what guidance
+    adds)."""
     demo_prompt: str = "Write a short note inviting my neighbours to a garden party."
     """The prompt answered at several attribute settings at the very end."""
     demo_settings: list[dict] = field(
@@ -158,12 +163,13 @@ def _check_metric(r: dict) -> str:
 
 
 def run_check(model: str, apm_model: str, data_dir: Path, check: CheckArgs, out: Path) -> dict:
-    """Answer held-out prompts at low and high levels of each attribute and measure the answers with the APM."""
+    """Answer held-out prompts at low and high levels of each attribute and measure the answers: with the APM, or for
+    computed attributes (verbosity) with their own measure and the model's bucket edges."""
     from steerlm.apm import load_apm
     from steerlm.bootstrap import training_prompts
     from steerlm.data.records import read_records
     from steerlm.generate import Generator, SamplingArgs
-    from steerlm.steerability import format_table, measure_attribute
+    from steerlm.steerability import format_table, measure_attribute, scorer_for
 
     generator = Generator.load(model)
     if generator.schema is None:
@@ -172,12 +178,29 @@ def run_check(model: str, apm_model: str, data_dir: Path, check: CheckArgs, out:
     prompts = training_prompts(read_records(data_dir / "val.jsonl"))
     prompts = random.Random(check.seed).sample(prompts, min(check.num_prompts, len(prompts)))
     levels = check.levels or [0, generator.schema.max_level]
-    sampling = SamplingArgs(max_new_tokens=check.max_new_tokens, temperature=check.temperature, seed=check.seed)
-    results = [measure_attribute(generator, scorer, prompts, a, levels, sampling)
-               for a in check.attributes if a in generator.schema.names and a in scorer.schema.names]  # fmt: skip
+    measurable = [(a, scorer_for(a, scorer, generator.computed)) for a in check.attributes
+                  if a in generator.schema.names]  # fmt: skip
+    measurable = [(a, s) for a, s in measurable if s is not None]
+
+    def at(scale: float) -> list:
+        sampling = SamplingArgs(max_new_tokens=check.max_new_tokens, temperature=check.temperature, seed=check.seed,
+                                guidance_scale=scale)  # fmt: skip
+        return [measure_attribute(generator, s, prompts, a, levels, sampling) for a, s in measurable]
+
+    results = at(check.guidance_scale)
     table = format_table(results)
+    if check.guidance_scale != 1.0:
+        table = f"guidance scale {check.guidance_scale:g}, " + table
+    report = {"table": table, "guidance_scale": check.guidance_scale,
+              "attributes": {r.attribute: r.to_json() for r in results}}  # fmt: skip
+    others = [s for s in dict.fromkeys(check.compare_guidance) if s != check.guidance_scale]
+    if others:
+        report["by_guidance"] = {}
+        for scale in others:
+            extra = at(scale)
+            report["by_guidance"][f"{scale:g}"] = {r.attribute: r.to_json() for r in extra}
+            report["table"] += f"\n\nguidance scale {scale:g}, " + format_table(extra)
     out.mkdir(parents=True, exist_ok=True)
-    report = {"table": table, "attributes": {r.attribute: r.to_json() for r in results}}
     write_json(out / "steerability.json", report)
     return report
 
@@ -191,7 +214,8 @@ def demo(model: str, check: CheckArgs) -> None:
     top = generator.schema.max_level
     settings = [{k: min(v, top) for k, v in s.items() if k in generator.schema.names} for s in check.demo_settings]
     prompt = Record([Turn("User", check.demo_prompt)])
-    sampling = SamplingArgs(max_new_tokens=check.max_new_tokens, temperature=check.temperature, seed=check.seed)
+    sampling = SamplingArgs(max_new_tokens=check.max_new_tokens, temperature=check.temperature, seed=check.seed,
+                            guidance_scale=check.guidance_scale)  # fmt: skip
     answers = generator.generate([prompt] * len(settings), settings, sampling)
     print(f"\nprompt: {check.demo_prompt}")
     for s, a in zip(settings, answers, strict=True):

@@ -6,7 +6,8 @@
 
 Writes into `out`: `train.jsonl` and `val.jsonl` (VALUE_TO_TEXT records, for attribute-conditioned SFT),
 `train_t2v.jsonl` and `val_t2v.jsonl` (the same records as TEXT_TO_VALUE, for a generative APM), `config.yaml` and
-`stats.json`. All six are written to a temporary folder first and moved into place only when all are complete.
+`stats.json`; with `computed: [verbosity]` also `computed.json` (the length-bucket edges, issue #8). All are
+written to a temporary folder first and moved into place only when all are complete.
 The split is by OASST tree (HH-RLHF: by pair), never by conversation, since the paths of one tree share turns.
 """
 
@@ -17,12 +18,19 @@ import os
 import shutil
 import tempfile
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from steerlm import config as config_lib
-from steerlm.attributes import OASST_LABELS, AttributeSchema
+from steerlm.attributes import (
+    COMPUTED,
+    OASST_LABELS,
+    AttributeSchema,
+    LengthBuckets,
+    computed_to_dict,
+    with_computed,
+)
 from steerlm.data import hh, oasst
 from steerlm.data.records import TEXT_TO_VALUE, Record, record_from_json, write_records
 from steerlm.errors import UserError
@@ -30,6 +38,8 @@ from steerlm.io import read_jsonl, write_json
 
 FORMATS = ("auto", "oasst", "oasst-trees", "hh", "records")
 OUTPUT_FILES = ("train.jsonl", "val.jsonl", "train_t2v.jsonl", "val_t2v.jsonl", "config.yaml", "stats.json")
+#: Written beside them when `computed` is set: `{"verbosity": {"unit": "words", "edges": [...]}}`.
+COMPUTED_FILE = "computed.json"
 
 
 @dataclass
@@ -60,6 +70,9 @@ class Config:
     """Replace existing output files in `out`."""
     max_trees: int = 0
     """Use only the first N trees (HH-RLHF: pairs) of the source; 0 uses all."""
+    computed: list[str] = field(default_factory=list)
+    """Attributes computed from the response text and added to every assistant label: `verbosity` (length bucket
+    0..L-1 at the L-quantiles of the training responses' word counts; the edges go to computed.json)."""
 
     def __post_init__(self):
         sources = self.sources
@@ -74,6 +87,13 @@ class Config:
             raise ValueError(f"val_fraction must be in [0, 1), not {self.val_fraction}")
         if self.max_trees < 0:
             raise ValueError(f"max_trees must be >= 0, not {self.max_trees}")
+        self.computed = [n.strip() for item in self.computed for n in item.split(",") if n.strip()]
+        unknown = [n for n in self.computed if n not in COMPUTED]
+        if unknown:
+            raise ValueError(f"unknown computed attribute {unknown[0]!r}; known: {', '.join(COMPUTED)}")
+        clash = [n for n in self.computed if n in self.schema.names]
+        if clash:
+            raise ValueError(f"{clash[0]} is both a labelled and a computed attribute")
 
     @property
     def sources(self) -> list[str]:
@@ -241,6 +261,25 @@ def part_stats(records: list[Record], key: str) -> dict:
     }
 
 
+# ---------------------------------------------------------------- computed attributes
+
+
+def add_computed(train: list[Record], val: list[Record], names: list[str], schema: AttributeSchema) -> dict:
+    """Add computed attributes (`verbosity`) to every assistant label of both splits, in place; the length buckets
+    are fitted on the training responses only. Returns what `computed.json` stores."""
+    texts = [t.value for r in train for t in r.assistant_turns]
+    computed = {name: LengthBuckets.fit(texts, schema.levels) for name in names}  # only verbosity exists so far
+    label_records(train + val, computed, schema.levels)
+    return computed_to_dict(computed)
+
+
+def label_records(records: list[Record], computed: dict[str, LengthBuckets], levels: int) -> None:
+    """Set the computed attributes in every assistant turn's label (other attributes kept), in place."""
+    for r in records:
+        for t in r.assistant_turns:
+            t.label = with_computed(t.label, t.value, computed, levels)
+
+
 # ---------------------------------------------------------------- writing outputs
 
 
@@ -248,14 +287,15 @@ def check_output(cfg: Config) -> Path:
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise UserError("exists and is not a folder", file=str(out), field="out")
-    existing = [name for name in OUTPUT_FILES if (out / name).exists()]
+    existing = [name for name in OUTPUT_FILES + (COMPUTED_FILE,) if (out / name).exists()]
     if existing and not cfg.overwrite:
         raise UserError(f"output already exists ({', '.join(existing)}); set overwrite (--overwrite) to replace it",
                         file=str(out), field="out")  # fmt: skip
     return out
 
 
-def write_outputs(out: Path, parts: dict[str, list[Record]], cfg: Config, stats: dict) -> None:
+def write_outputs(out: Path, parts: dict[str, list[Record]], cfg: Config, stats: dict,
+                  computed: dict | None = None) -> None:  # fmt: skip
     """Write every output into a temporary folder, then move them into `out` only once all are complete, so an
     interrupted prepare never leaves a half-written or inconsistent set of files."""
     out = out.absolute()
@@ -267,12 +307,18 @@ def write_outputs(out: Path, parts: dict[str, list[Record]], cfg: Config, stats:
             write_records(tmp / f"{split}_t2v.jsonl", (r.with_type(TEXT_TO_VALUE) for r in parts[split]))
         config_lib.save(cfg, tmp)
         write_json(tmp / "stats.json", stats)
+        if computed:
+            write_json(tmp / COMPUTED_FILE, computed)
         _make_readable(tmp)
         if not out.exists():
             os.rename(tmp, out)  # a fresh folder appears complete in one step
             return
         for name in OUTPUT_FILES:
             os.replace(tmp / name, out / name)
+        if computed:
+            os.replace(tmp / COMPUTED_FILE, out / COMPUTED_FILE)
+        elif (out / COMPUTED_FILE).exists():  # an earlier run's edges no longer describe these labels
+            os.unlink(out / COMPUTED_FILE)
     finally:
         with contextlib.suppress(FileNotFoundError):
             shutil.rmtree(tmp)
@@ -352,10 +398,17 @@ def main(cfg: Config) -> dict:
         "train": part_stats(train, key),
         "val": part_stats(val, key),
     }
+    # computed labels are added after counting, so `labelled_assistant_turns` still counts human labels
+    computed = add_computed(train, val, cfg.computed, cfg.schema) if cfg.computed and kept else {}
+    if computed:
+        stats["computed"] = computed
     lines = summary_lines(stats)
     if not kept:
         print("\n".join(lines), flush=True)
         raise UserError("no conversations left to write (see the counts above)", field="source")
-    write_outputs(out, {"train": train, "val": val}, cfg, stats)
-    print("\n".join(lines + [f"wrote {out}: {', '.join(OUTPUT_FILES)}"]), flush=True)
+    write_outputs(out, {"train": train, "val": val}, cfg, stats, computed)
+    files = OUTPUT_FILES + ((COMPUTED_FILE,) if computed else ())
+    if computed:
+        lines.append(f"computed: verbosity edges (words) {computed['verbosity']['edges']}")
+    print("\n".join(lines + [f"wrote {out}: {', '.join(files)}"]), flush=True)
     return stats

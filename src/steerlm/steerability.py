@@ -96,3 +96,37 @@ def summarize_measurements(attribute: str, requested: Sequence[int], measured: S
         monotone_steps=sum(b > a + 1e-6 for a, b in zip(means, means[1:], strict=False)),
         answers={lv: [a for a, t in zip(texts, requested, strict=True) if t == lv] for lv in levels} if texts else {},
     )
+
+
+# ---------------------------------------------------------------- computed attributes (issue #8): no APM needed
+
+
+def measure_verbosity(text: str, buckets) -> int:
+    """The verbosity level of an answer: its word count's bucket under the model's length edges
+    (`attributes.LengthBuckets`, from `steerlm_model.json`), the same edges training labelled with."""
+    return buckets.level(text)
+
+
+class ComputedScorer:
+    """Scores answers on computed attributes, APM-style: `predict(records)` -> one `{name: level}` per record,
+    measured on the record's last (assistant) turn. Stands in for an APM in `measure_attribute`."""
+
+    def __init__(self, computed: dict):
+        self.computed = dict(computed)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.computed)
+
+    def predict(self, records: Sequence[Record], batch_size: int = 0) -> list[dict[str, float]]:
+        return [{n: float(b.level(r.conversations[-1].value)) for n, b in self.computed.items()} for r in records]
+
+
+def scorer_for(attribute: str, apm=None, computed: dict | None = None):
+    """What measures `attribute`: a computed attribute's own measure, else the APM when it knows the attribute, else
+    None (the attribute cannot be measured)."""
+    if computed and attribute in computed:
+        return ComputedScorer({attribute: computed[attribute]})
+    if apm is not None and attribute in apm.schema.names:
+        return apm
+    return None

@@ -44,20 +44,34 @@ def set_seed(seed: int) -> None:
 def batch_plan(n: int, batch_size: int, seed: int, epoch: int, groups: list | None = None) -> list[list[int]]:
     """Deterministic shuffled batches of example indices for one epoch (same plan when a run resumes).
 
-    With `groups` (one key per example, e.g. the OASST parent message), members of a group stay adjacent, so
-    sibling replies to one prompt land in the same batch."""
+    With `groups` (one key per example, e.g. the OASST parent message), members of a group stay adjacent and a group
+    no larger than a batch is never split across two: groups are packed into batches first-fit in shuffled order
+    (so some batches may hold fewer than `batch_size` examples), and sibling replies to one prompt land in the same
+    batch."""
     rng = random.Random(seed * 1_000_003 + epoch)
     if groups is None:
         order = list(range(n))
         rng.shuffle(order)
-    else:
-        buckets: dict = {}
-        for i, g in enumerate(groups):
-            buckets.setdefault(g, []).append(i)
-        keys = list(buckets)
-        rng.shuffle(keys)
-        order = [i for k in keys for i in buckets[k]]
-    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+        return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+    buckets: dict = {}
+    for i, g in enumerate(groups):
+        buckets.setdefault(g, []).append(i)
+    keys = list(buckets)
+    rng.shuffle(keys)
+    batches: list[list[int]] = []
+    open_batches: list[list[int]] = []  # batches with room left, oldest first
+    for k in keys:
+        members = buckets[k]
+        for part in (members[i : i + batch_size] for i in range(0, len(members), batch_size)):
+            target = next((b for b in open_batches if len(b) + len(part) <= batch_size), None)
+            if target is None:
+                target = []
+                batches.append(target)
+                open_batches.append(target)
+            target.extend(part)
+            if len(target) == batch_size:
+                open_batches.remove(target)
+    return batches
 
 
 def make_optimizer(model: torch.nn.Module, args: TrainArgs) -> torch.optim.Optimizer:

@@ -1,0 +1,73 @@
+"""Steerability at several guidance scales: requested vs measured level per attribute (Spearman, means per level).
+
+    python benchmarks/steer_check.py --model runs/steer/sft/best --apm runs/steer/apm/best --data runs/steer/data
+    python benchmarks/steer_check.py --model runs/steer/sft/best --attributes verbosity --scales 1,2,3
+
+Held-out prompts (the validation split's) are answered at each requested level of one attribute at a time (the others
+at their defaults), at every guidance scale, with the same seeds. Computed attributes (verbosity) are measured by
+their own measure with the model's bucket edges; the others by the APM (`--apm`), which is skipped when absent.
+Writes `--out` (JSON) with every answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+
+from steerlm.bootstrap import training_prompts
+from steerlm.data.records import read_records
+from steerlm.generate import Generator, SamplingArgs
+from steerlm.steerability import format_table, measure_attribute, scorer_for
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="a steerlm model folder")
+    parser.add_argument("--apm", default="", help="APM folder for non-computed attributes")
+    parser.add_argument("--data", required=True, help="folder with val.jsonl (or a records file): held-out prompts")
+    parser.add_argument("--attributes", default="verbosity,quality")
+    parser.add_argument("--levels", default="0,9", help="requested levels")
+    parser.add_argument("--scales", default="1,3", help="guidance scales")
+    parser.add_argument("--reference", default="", help="neutral attribute string of guidance ('' = unconditional)")
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--max_new_tokens", type=int, default=96)
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--out", default="", help="write the report (JSON) here")
+    args = parser.parse_args()
+
+    gen = Generator.load(args.model)
+    apm = None
+    if args.apm:
+        from steerlm.apm import load_apm
+
+        apm = load_apm(args.apm)
+    data = Path(args.data)
+    prompts = training_prompts(read_records(data / "val.jsonl" if data.is_dir() else data))
+    prompts = random.Random(args.seed).sample(prompts, min(args.prompts, len(prompts)))
+    levels = [int(x) for x in args.levels.split(",")]
+    report: dict = {"model": args.model, "apm": args.apm, "levels": levels, "prompts": len(prompts),
+                    "reference": args.reference, "scales": {}}  # fmt: skip
+    for scale in [float(x) for x in args.scales.split(",")]:
+        sampling = SamplingArgs(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
+                                guidance_scale=scale, guidance_reference=args.reference)  # fmt: skip
+        results = []
+        start = time.time()
+        for name in args.attributes.split(","):
+            scorer = scorer_for(name, apm, gen.computed)
+            if name not in gen.schema.names or scorer is None:
+                print(f"skipping {name}: not in the model's schema, or nothing measures it")
+                continue
+            results.append(measure_attribute(gen, scorer, prompts, name, levels, sampling, batch_size=args.batch_size))
+        print(f"\nguidance scale {scale:g} ({time.time() - start:.0f} s), " + format_table(results), flush=True)
+        report["scales"][f"{scale:g}"] = {r.attribute: r.to_json() for r in results}
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=1, ensure_ascii=False))
+
+
+if __name__ == "__main__":
+    main()

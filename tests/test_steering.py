@@ -1,0 +1,316 @@
+"""Issue #8, making steering work at small scale: the computed `verbosity` attribute, attribute guidance at inference,
+and the SFT levers (label dropout, sibling batches, oversampling, the flip-gap metric). docs/steering.md."""
+
+import json
+from collections import Counter
+from dataclasses import replace
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from steerlm import cli, models, prepare, sft, train
+from steerlm.attributes import AttributeSchema, LengthBuckets, word_count
+from steerlm.data import templates
+from steerlm.data.records import Record, Turn, read_records, write_records
+from steerlm.generate import Generator, SamplingArgs, guidance_mix
+from steerlm.steerability import ComputedScorer, measure_attribute, measure_verbosity
+
+SCHEMA = AttributeSchema(("quality", "humor"))
+GREEDY = SamplingArgs(greedy=True, max_new_tokens=12)
+PROMPTS = ["Hi", "Tell me a joke.", "What is the capital of France? Please answer with a long story.", "x"]
+
+
+def chaotic_lm():
+    """The tiny LM with large random weights (varied greedy output), as in test_generate."""
+    model, tokenizer = models.tiny_causal_lm()
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.data.normal_(0, 0.3)
+    return model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return chaotic_lm()
+
+
+def words(n: int) -> str:
+    return " ".join(["word"] * n)
+
+
+def synthetic_records(n_prompts: int = 12) -> list[Record]:
+    """OASST-like paths: each prompt (a user message with an id) has three sibling replies of different lengths and
+    quality labels; one tree per prompt."""
+    out = []
+    for p in range(n_prompts):
+        for k in range(3):
+            length = 1 + (p * 7 + k * 13) % 60
+            quality = (p + 3 * k) % 10
+            humor = 9 if (p, k) == (0, 0) else 0  # one rare extreme level
+            out.append(Record([Turn("User", f"Question number {p}?", None, {"message_id": f"u{p}"}),
+                               Turn("Assistant", words(length), f"quality:{quality},humor:{humor}",
+                                    {"message_id": f"a{p}-{k}"})], extra={"tree_id": f"t{p}"}))  # fmt: skip
+    return out
+
+
+# ---------------------------------------------------------------- 1. verbosity
+
+
+def test_verbosity_buckets_are_quantiles_monotone_and_round_trip():
+    texts = [words(n) for n in range(1, 101)]
+    buckets = LengthBuckets.fit(texts + texts[:10], 10)  # duplicates count once (OASST paths repeat answers)
+    assert buckets.levels == 10 and buckets.unit == "words" and len(buckets.edges) == 9
+    assert list(buckets.edges) == sorted(buckets.edges)
+    assert buckets.edges[0] == pytest.approx(10.9) and buckets.edges[-1] == pytest.approx(90.1)
+    levels = [buckets.level(t) for t in texts]
+    assert levels == sorted(levels) and min(levels) == 0 and max(levels) == 9  # monotone in length, full range
+    assert set(Counter(levels).values()) == {10}  # quantile buckets: equally full on the data they were fitted on
+    assert word_count("  two\nwords ") == 2 and buckets.level("") == 0
+    again = LengthBuckets.from_dict(json.loads(json.dumps(buckets.to_dict())))
+    assert again == buckets and measure_verbosity(words(55), again) == buckets.level(words(55)) == 5
+    with pytest.raises(ValueError, match="ascend"):
+        LengthBuckets((5.0, 3.0))
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """`steerlm prepare --computed=verbosity` on a records file, then a tiny SFT run on its output."""
+    root = tmp_path_factory.mktemp("steer")
+    source = root / "source.jsonl"
+    write_records(source, synthetic_records())
+    data = root / "data"
+    assert cli.run(["prepare", f"--source={source}", f"--out={data}", "--attributes=quality,humor",
+                    "--computed=verbosity", "--val_fraction=0.25"]) == 0  # fmt: skip
+    out = root / "sft"
+    args = ["sft", "--model=tiny-lm", f"--data={data}", f"--out={out}", "--train.max_steps=2", "--train.lr=0.01",
+            "--train.batch_size=3", "--template=chat", "--label_dropout=0.2", "--oversample_max=3", "--flip_each",
+            "--group_siblings"]  # fmt: skip
+    assert cli.run(args) == 0
+    return data, out
+
+
+def test_prepare_stores_edges_and_sft_and_measurement_reuse_them(prepared):
+    data, out = prepared
+    stored = json.loads((data / "computed.json").read_text())
+    buckets = LengthBuckets.from_dict(stored["verbosity"])
+    assert json.loads((data / "stats.json").read_text())["computed"] == stored
+    train_texts = [t.value for r in read_records(data / "train.jsonl") for t in r.assistant_turns]
+    assert buckets == LengthBuckets.fit(train_texts, 10)  # fitted on the training answers only
+    schema = AttributeSchema(("quality", "humor", "verbosity"))
+    for split in ("train", "val"):
+        for r in read_records(data / f"{split}.jsonl"):
+            for t in r.assistant_turns:  # every answer labelled with its own bucket, beside the human labels
+                levels = schema.parse(t.label)
+                assert levels["verbosity"] == buckets.level(t.value) and "quality" in levels
+    # the model carries the same edges; the generator exposes them; the check measures answers with them
+    meta = json.loads((out / "best" / "steerlm_model.json").read_text())
+    assert meta["computed"] == stored and meta["label_dropout"] == 0.2
+    assert meta["attributes"]["names"] == ["quality", "humor", "verbosity"]
+    gen = Generator.load(str(out / "best"), device="cpu")
+    assert gen.computed == {"verbosity": buckets}
+    record = Record([Turn("User", "q"), Turn("Assistant", words(33))])
+    assert ComputedScorer(gen.computed).predict([record]) == [{"verbosity": float(buckets.level(words(33)))}]
+
+
+def test_sft_computes_verbosity_when_the_data_lacks_it(prepared, tmp_path):
+    # annotated data (APM labels) lose verbosity; `sft --computed=verbosity` sets it again from the answers' text
+    data, _ = prepared
+    stripped = tmp_path / "annotated"
+    stripped.mkdir()
+    for split in ("train", "val"):
+        records = read_records(data / f"{split}.jsonl")
+        for r in records:
+            for t in r.assistant_turns:
+                t.label = "quality:5"
+        write_records(stripped / f"{split}.jsonl", records)
+    summary, _ = sft.run(sft.Config(data=str(stripped), out=str(tmp_path / "sft"), model="tiny-lm", template="nemo",
+                                    computed=["verbosity"], flip_gap=False,
+                                    train=train.TrainArgs(max_steps=1, batch_size=4)))  # fmt: skip
+    assert summary["attributes"]["names"] == ["quality", "verbosity"]
+    meta = json.loads((tmp_path / "sft" / "best" / "steerlm_model.json").read_text())
+    texts = [t.value for r in read_records(stripped / "train.jsonl") for t in r.assistant_turns]
+    assert LengthBuckets.from_dict(meta["computed"]["verbosity"]) == LengthBuckets.fit(texts, 10)
+
+
+# ---------------------------------------------------------------- 2. attribute guidance
+
+
+def test_guidance_mixing_formula():
+    requested = torch.tensor([[1.0, 2.0, 0.0]])
+    neutral = torch.tensor([[1.0, 0.0, 0.5]])
+    mixed = guidance_mix(3.0)(torch.stack([requested, neutral]))
+    assert torch.equal(mixed, torch.tensor([[1.0, 6.0, -1.0]]))  # l_n + s * (l_r - l_n)
+    assert torch.equal(guidance_mix(0.0)(torch.stack([requested, neutral])), neutral)
+    with pytest.raises(ValueError, match="guidance_scale"):
+        SamplingArgs(guidance_scale=-1)
+
+
+def test_guidance_at_scale_one_is_plain_generation(lm):
+    gen = Generator(*lm, schema=SCHEMA, template="chat", conditioning="attributes")
+    attrs = [{"humor": 9}, {"quality": 2}, {}, {"humor": 4}]
+    plain = gen.generate(PROMPTS, attrs, GREEDY, batch_size=3)
+    assert not gen.guided(replace(GREEDY, guidance_scale=1.0))
+    assert gen.generate(PROMPTS, attrs, replace(GREEDY, guidance_scale=1.0), batch_size=3) == plain
+    # the two-prompt path itself, forced at s = 1, picks the same tokens
+    prompts = [gen.prompt_ids(p, a) for p, a in zip(PROMPTS, attrs, strict=True)]
+    neutral = [gen.neutral_ids(p, GREEDY) for p in PROMPTS]
+    forced = gen.generate_ids(prompts, replace(GREEDY, guidance_scale=1.0), batch_size=3, neutral=neutral)
+    assert [g.text for g in forced] == plain
+    # s != 1 changes answers; batched equals one at a time; streaming equals generate
+    guided = replace(GREEDY, guidance_scale=4.0)
+    answers = gen.generate(PROMPTS, attrs, guided, batch_size=3)
+    assert answers != plain
+    assert answers == [gen.generate(p, a, guided)[0] for p, a in zip(PROMPTS, attrs, strict=True)]
+    assert "".join(gen.stream(PROMPTS[1], attrs[1], guided)) == answers[1]
+
+
+def test_neutral_prompt_is_the_unconditional_or_reference_one(lm):
+    gen = Generator(*lm, schema=SCHEMA, template="nemo", conditioning="attributes")
+    record = Record([Turn("User", "Hi")])
+    assert gen.neutral_segments("Hi", GREEDY) == templates.inference_segments(record, None, "nemo")
+    assert templates.L not in "".join(gen.neutral_segments("Hi", GREEDY))
+    ref = gen.neutral_segments("Hi", replace(GREEDY, guidance_reference="humor:3"))
+    assert ref[-1].endswith(f"{templates.L}quality:9,humor:3\n")
+    plain = Generator(*lm, template="chat")  # an unconditioned model ignores guidance
+    assert not plain.guided(replace(GREEDY, guidance_scale=3.0))
+
+
+class FlagLM(torch.nn.Module):
+    """Stand-in LM counting its forward calls: a row whose prompt has `long_len` real tokens (the requested
+    condition, with its attribute line) scores token 6 at 1.5, otherwise at 0.5; token 5 always scores 2.0. Plain
+    decoding therefore picks 5, and guidance at s = 3 picks 6 (0.5 + 3 * 1.0 = 3.5)."""
+
+    def __init__(self, vocab: int, long_len: int):
+        super().__init__()
+        self.vocab, self.long_len = vocab, long_len
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.calls, self.rows = 0, []
+
+    def forward(self, input_ids, attention_mask, position_ids, past_key_values=None, use_cache=True, **_):
+        self.calls += 1
+        self.rows.append(input_ids.shape[0])
+        if past_key_values is None:
+            flags = (attention_mask.sum(-1) == self.long_len).tolist()
+            past_key_values = SimpleNamespace(flags=flags)
+            past_key_values.batch_select_indices = lambda idx: setattr(
+                past_key_values, "flags", [past_key_values.flags[i] for i in idx.tolist()]
+            )
+        logits = torch.zeros(input_ids.shape[0], 1, self.vocab)
+        logits[:, :, 5] = 2.0
+        for b, flag in enumerate(past_key_values.flags):
+            logits[b, :, 6] = 1.5 if flag else 0.5
+        return SimpleNamespace(logits=logits, past_key_values=past_key_values)
+
+
+def test_guidance_runs_both_conditions_in_one_forward_pass():
+    _, tokenizer = models.tiny_causal_lm()
+    probe = Generator(models.tiny_causal_lm()[0], tokenizer, schema=SCHEMA, template="nemo", conditioning="attributes")
+    long_len = len(probe.prompt_ids("Hi", {"humor": 9}))
+    assert len(probe.neutral_ids("Hi", GREEDY)) != long_len
+    model = FlagLM(len(tokenizer), long_len)
+    gen = Generator(model, tokenizer, schema=SCHEMA, template="nemo", conditioning="attributes")
+    sampling = SamplingArgs(greedy=True, max_new_tokens=5)
+    plain = gen.generate_full(["Hi", "Hi"], {"humor": 9}, sampling)
+    assert model.calls == 5 and model.rows == [2, 2, 2, 2, 2]  # one prefill + 4 decoding steps
+    assert all(g.token_ids == [5] * 5 for g in plain)
+    model.calls, model.rows = 0, []
+    guided = gen.generate_full(["Hi", "Hi"], {"humor": 9}, replace(sampling, guidance_scale=3.0))
+    assert model.calls == 5 and model.rows == [4, 4, 4, 4, 4]  # the same number of calls, both conditions batched
+    assert all(g.token_ids == [6] * 5 for g in guided)
+
+
+def test_generate_command_takes_guidance_scale(lm, tmp_path, capsys):
+    meta = {"attributes": SCHEMA.to_dict(), "template": "chat", "conditioning": "attributes", "base_model": "tiny-lm",
+            "lora": False}  # fmt: skip
+    models.save_model(lm[0], lm[1], tmp_path / "m", "steerlm_model.json", meta)
+    gen = Generator.load(str(tmp_path / "m"), device="cpu")
+    expected = gen.generate(["Hi"], {"humor": 7}, replace(GREEDY, guidance_scale=3.0))[0]
+    args = ["generate", f"--model={tmp_path / 'm'}", "--attr", "humor=7", "--greedy", "--max_new_tokens=12",
+            "--guidance_scale=3", "Hi"]  # fmt: skip
+    assert cli.run(args) == 0
+    assert capsys.readouterr().out == expected + "\n"
+
+
+# ---------------------------------------------------------------- 3. training levers
+
+
+def test_label_dropout_gives_the_unconditional_rendering_for_the_expected_fraction():
+    records = [Record([Turn("User", f"q{i}"), Turn("Assistant", f"a{i}", "quality:5")]) for i in range(2000)]
+    dropped, n = sft.drop_labels(records, 0.25, seed=3)
+    assert sft.drop_labels(records, 0.25, seed=3)[1] == n and abs(n - 500) < 70  # seeded, ~25 %
+    unconditional = 0
+    for original, r in zip(records, dropped, strict=True):
+        text = templates.render(r, "nemo")
+        if r.conversations[1].label is None:
+            unconditional += 1
+            prompt = templates.inference_prompt(Record(original.conversations[:1]), None, "nemo")
+            assert text == prompt + original.conversations[1].value + "\n" + templates.T  # what guidance's neutral is
+        else:
+            assert text == templates.render(original, "nemo")
+    assert unconditional == n
+    assert records[0].conversations[1].label == "quality:5"  # the input is not modified
+    assert sft.drop_labels(records, 0.0, seed=3)[1] == 0
+
+
+def test_sibling_replies_share_a_batch_and_rare_levels_are_oversampled():
+    records = synthetic_records(10)
+    keys = [sft.sibling_key(r, i) for i, r in enumerate(records)]
+    assert len(set(keys)) == 10 and keys[0] == keys[1] == keys[2] == "id:u0"
+    for epoch in range(3):
+        for batch_size in (3, 4, 8):
+            plan = train.batch_plan(len(records), batch_size, seed=1, epoch=epoch, groups=keys)
+            assert sorted(i for b in plan for i in b) == list(range(len(records)))
+            assert all(len(b) <= batch_size for b in plan)
+            where = {i: n for n, b in enumerate(plan) for i in b}
+            for k in set(keys):
+                assert len({where[i] for i, g in enumerate(keys) if g == k}) == 1  # siblings in one batch
+    # without message ids the prompt text groups siblings
+    bare = [Record([Turn(t.role, t.value, t.label) for t in r.conversations]) for r in records]
+    assert [sft.sibling_key(r, i) for i, r in enumerate(bare)][:3] == [sft.sibling_key(bare[0], 0)] * 3
+    copies = sft.oversample_copies(records, SCHEMA, 3)
+    assert copies[0] == 3 and Counter(copies[1:]) == {1: len(records) - 1}  # only the rare humor:9 is repeated
+    assert sft.oversample_copies(records, SCHEMA, 1) == [1] * len(records)
+
+
+def test_flip_gap_is_logged_at_each_validation(prepared, capsys):
+    _, out = prepared
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "val_loss" in r]
+    assert evals and all(isinstance(r["flip_gap"], float) for r in evals)
+    assert all(f"flip_gap_{n}" in evals[-1] for n in ("quality", "humor", "verbosity"))  # --flip_each
+    summary = json.loads((out / "summary.json").read_text())
+    assert "last_flip_gap" in summary and summary["steering"]["oversampled extra copies"] >= 1
+    assert summary["steering"]["answers without attribute line (label_dropout)"] >= 1
+    assert summary["steering"]["sibling groups"] >= 1
+
+
+def test_steer_preset_builds_every_stage():
+    from steerlm import config as config_lib
+    from steerlm import pipeline
+
+    cfg = config_lib.load(pipeline.Config, preset="steer", command="pipeline")
+    assert cfg.check.attributes == ["verbosity", "quality"] and 3.0 in cfg.check.compare_guidance
+    assert config_lib.build(prepare.Config, cfg.prepare).computed == ["verbosity"]
+    built = config_lib.build(sft.Config, {**cfg.sft, "data": "x"})
+    assert built.computed == ["verbosity"] and built.label_dropout > 0 and built.group_siblings
+
+
+def test_flip_records_mirror_levels():
+    record = Record([Turn("User", "q"), Turn("Assistant", "a", "quality:7,humor:0")])
+    (flipped,) = sft.flip_records([record], SCHEMA)
+    assert flipped.conversations[1].label == "quality:2,humor:9"
+    (one,) = sft.flip_records([record], SCHEMA, ("humor",))
+    assert one.conversations[1].label == "quality:7,humor:9"
+
+
+def test_steerability_measures_verbosity_without_an_apm(lm):
+    gen = Generator(*lm, schema=AttributeSchema(("quality", "verbosity")), template="chat", conditioning="attributes")
+    gen.computed = {"verbosity": LengthBuckets((1.0, 3.0, 5.0, 8.0, 12.0, 17.0, 25.0, 40.0, 60.0))}
+    prompts = [Record([Turn("User", p)]) for p in PROMPTS[:2]]
+    result = measure_attribute(gen, ComputedScorer(gen.computed), prompts, "verbosity", [0, 9], GREEDY)
+    assert result.attribute == "verbosity" and len(result.measured_mean) == 2
+    for level, answers in result.answers.items():
+        assert all(0 <= gen.computed["verbosity"].level(a) <= 9 for a in answers), level

@@ -1,0 +1,474 @@
+"""`steerlm train-rm`: a pairwise reward model, the RLHF baseline's second step (InstructGPT, SPEC §6).
+
+    steerlm train-rm ../shared/data/hh-rlhf/harmless-base-dev.jsonl.gz ../shared/data/oasst1/oasst1-en-dev.jsonl \\
+        --out runs/rm --skip-invalid
+    steerlm train-rm runs/data/train.jsonl --model smollm2-135m-instruct --train.lora.r=8 --train.lr=2e-4
+
+A backbone (an encoder, or a causal LM's decoder stack) reads `User: ...` / `Assistant: ...` text and a linear head
+turns the final token's state (or the mean over tokens) into one score r(x, y). Comparisons come from:
+- OASST sibling ranks: for K ranked replies to one message, all K·(K-1)/2 (better, worse) pairs;
+- HH-RLHF: chosen beats rejected.
+All comparisons of one prompt form one training example, so they share a batch and each response is encoded once;
+the loss is `-log σ(r_w - r_l)` (`losses.pairwise_loss`), each prompt's pairs averaged first. Held-out comparisons
+are split by OASST tree / HH pair; the pairwise accuracy and reward margin on them pick the best checkpoint.
+
+The output folder is a model folder (`save_pretrained` backbone + tokenizer, `reward_head.safetensors`,
+`steerlm_rm.json`); `load_rm(path).score(records)` gives one float per conversation, scored at its last answer.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import shutil
+import time
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from steerlm import config as config_lib
+from steerlm import models, train
+from steerlm.apm import backbone_kind, freeze_unused, plain_text
+from steerlm.config import TrainArgs
+from steerlm.data import preferences
+from steerlm.data.collate import pad
+from steerlm.data.preferences import Comparisons
+from steerlm.data.records import ASSISTANT, Record, Turn, record_from_json
+from steerlm.errors import UserError
+from steerlm.io import write_json
+from steerlm.losses import pairwise_loss
+
+POSITIONAL = "data"
+META = "steerlm_rm.json"
+HEAD = "reward_head.safetensors"
+#: Version tag of the input text (shared with the regression APM's `plain_text`), stored in the folder.
+TEXT_FORMAT = "plain-v1"
+
+
+@dataclass
+class RMTrainArgs(TrainArgs):
+    """TrainArgs with defaults that suit a MiniLM reward model on a CPU."""
+
+    epochs: float = 2.0
+    """Passes over the training comparisons (fractions allowed)."""
+    lr: float = 3e-5
+    """Peak learning rate (MiniLM: 2e-5..5e-5; a LoRA causal LM: ~2e-4)."""
+    batch_size: int = 8
+    """Prompts per micro-batch (all of a prompt's responses and comparisons come with it)."""
+    max_length: int = 256
+    """Tokens per conversation; longer ones lose their beginning (the response is kept)."""
+
+
+@dataclass
+class Config:
+    data: list[str] = field(default_factory=list)
+    """Comparison sources: HH-RLHF `{chosen, rejected}` files, OASST flat rows / trees, or conversation records whose
+    assistant turns carry `rank` (e.g. `steerlm prepare` output); the kind is recognised from the first line."""
+    val_data: list[str] = field(default_factory=list)
+    """Held-out comparison sources (same kinds as `data`); default: `val_fraction` of the groups of each source."""
+    out: str = "runs/rm"
+    """Output folder: a reward-model folder that `load_rm` / `steerlm ppo --reward-model` read back."""
+    model: str = "minilm-l6"
+    """Backbone: a built-in (minilm-l6, tiny-encoder, smollm2-135m-instruct, tiny-lm), a folder (e.g. the SFT model,
+    as InstructGPT does) or a hub id."""
+    backbone: Literal["auto", "encoder", "causal"] = "auto"
+    """Kind of backbone; 'auto' decides from the model."""
+    pooling: Literal["auto", "last", "mean"] = "auto"
+    """Read-out: the 'last' real token (SPEC §6; a causal LM reads a final EOS) or the 'mean' over tokens; 'auto' =
+    last for causal LMs, mean for encoders (how sentence encoders such as MiniLM were trained)."""
+    val_fraction: float = 0.1
+    """Without `val_data`: the share of OASST trees / HH pairs held out to measure pairwise accuracy."""
+    max_prompts: int = 0
+    """Use at most this many prompts (comparison groups) per source file, before the split; 0 means all."""
+    lang: str = "en"
+    """OASST languages to keep ('en', 'en,de', or 'all')."""
+    skip_invalid: bool = False
+    """Count and skip malformed lines/pairs instead of stopping (the real HH-RLHF data has a few empty turns)."""
+    metric: Literal["val_accuracy", "val_loss"] = "val_accuracy"
+    """Held-out metric that picks the best checkpoint."""
+    batch_size_eval: int = 32
+    """Conversations per batch when scoring."""
+    seed: int = 0
+    """Seed of the train/validation split and of the prompt subsample."""
+    overwrite: bool = False
+    """Replace an existing output folder."""
+    resume: bool = False
+    """Continue an interrupted run from its last checkpoint."""
+    train: RMTrainArgs = field(default_factory=RMTrainArgs)
+    """Optimisation settings (train.lora.r > 0 trains LoRA adapters; causal LMs only)."""
+
+    def __post_init__(self):
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), not {self.val_fraction}")
+        if self.max_prompts < 0:
+            raise ValueError(f"max_prompts must be >= 0, not {self.max_prompts}")
+        if self.overwrite and self.resume:
+            raise ValueError("choose one of overwrite and resume")
+
+
+# ---------------------------------------------------------------- comparisons from the sources
+
+
+def read_comparisons(cfg: Config) -> tuple[list[Comparisons], list[Comparisons], dict]:
+    """(train, validation, counts): from `val_data` when given, else each source split by its own groups."""
+    if not cfg.data:
+        raise UserError("no comparison data given (files of HH-RLHF pairs, OASST messages or ranked records)",
+                        field="data")  # fmt: skip
+    train_c, val_c, counts = [], [], {}
+    sources = [(p, "train") for p in cfg.data] + [(p, "val") for p in cfg.val_data]
+    for path, role in sources:
+        stats: Counter = Counter()
+        kind, items = preferences.read_source(path, lang=cfg.lang, skip_invalid=cfg.skip_invalid, stats=stats)
+        if kind == "hh":
+            comps = preferences.comparisons_from_hh(items)
+        else:
+            comps = preferences.comparisons_from_records(items, kind)
+        if not comps:
+            raise UserError("no comparisons: no prompt has two ranked answers (OASST `rank`) or chosen/rejected pair",
+                            file=str(path))  # fmt: skip
+        if cfg.max_prompts and len(comps) > cfg.max_prompts:
+            # Whole groups are kept or dropped, so that the split below still separates trees.
+            groups = sorted({c.group for c in comps})
+            random.Random(cfg.seed).shuffle(groups)
+            keep, kept = set(), 0
+            for g in groups:
+                if kept >= cfg.max_prompts:
+                    break
+                keep.add(g)
+                kept += sum(c.group == g for c in comps)
+            comps = [c for c in comps if c.group in keep]
+        if cfg.val_data:
+            tr, va = (comps, []) if role == "train" else ([], comps)
+        else:
+            tr, va = preferences.split(comps, cfg.val_fraction, cfg.seed)
+        train_c += tr
+        val_c += va
+        name = f"{role}:{Path(path).name}" if cfg.val_data else Path(path).name
+        counts[name] = {
+            "kind": kind,
+            "prompts": len(comps),
+            "pairs": sum(len(c.pairs) for c in comps),
+            "train_pairs": sum(len(c.pairs) for c in tr),
+            "val_pairs": sum(len(c.pairs) for c in va),
+            **{k: v for k, v in stats.items() if k in ("invalid", "identical")},
+        }
+    return train_c, val_c, counts
+
+
+# ---------------------------------------------------------------- the model
+
+
+def rm_text(turns: Sequence[Turn], backbone: str, tokenizer) -> str:
+    """What the reward model reads: the plain conversation (as the regression APM), ended by EOS on a causal
+    backbone so that the read-out token is the same whatever the answer's last word."""
+    eos = tokenizer.eos_token if backbone == "causal" and tokenizer.eos_token else ""
+    return plain_text(turns) + eos
+
+
+def tokenize(texts: list[str], tokenizer, max_length: int) -> list[list[int]]:
+    # Left truncation keeps the answer (the end of the text) and drops the oldest context.
+    tokenizer.truncation_side = "left"
+    return tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+
+
+def _unwrap(backbone: nn.Module) -> nn.Module:
+    return backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone
+
+
+class RewardModel(nn.Module):
+    """Backbone + a scalar head: r(x, y) read at the last real token (right padding) or mean-pooled."""
+
+    def __init__(self, backbone: nn.Module, pooling: str):
+        super().__init__()
+        self.backbone, self.pooling = backbone, pooling
+        self.head = nn.Linear(_unwrap(backbone).config.hidden_size, 1)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        # Through peft's wrapper when LoRA is on (its forward routes to the adapted base model).
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state.float()
+        if self.pooling == "mean":
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        else:
+            last = attention_mask.sum(1).long() - 1
+            pooled = hidden[torch.arange(hidden.size(0), device=hidden.device), last]
+        return self.head(pooled).squeeze(-1)
+
+
+def score_ids(
+    model: RewardModel, ids: list[list[int]], pad_id: int, batch_size: int, progress: bool = False
+) -> list[float]:
+    """Scores of tokenized conversations, in length-sorted batches (little padding), returned in input order."""
+    dev = next(model.parameters()).device
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    out = [0.0] * len(ids)
+    with torch.inference_mode():
+        for start in tqdm(range(0, len(order), batch_size), desc="score", disable=not progress, leave=False):
+            chunk = order[start : start + batch_size]
+            rows = [ids[i] for i in chunk]
+            x, mask = pad(rows, pad_id).to(dev), pad([[1] * len(r) for r in rows], 0).to(dev)
+            for i, r in zip(chunk, model(x, mask).float().cpu().tolist(), strict=True):
+                out[i] = r
+    return out
+
+
+class RewardScorer:
+    """A trained reward model loaded back: `score(items)` gives one float per conversation."""
+
+    def __init__(self, model: RewardModel, tokenizer, meta: dict, path: str | None = None):
+        self.model, self.tokenizer, self.meta, self.path = model, tokenizer, meta, path
+        self.backbone, self.max_length = meta["backbone"], int(meta["max_length"])
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def score(self, items: Sequence[Any], batch_size: int = 16, progress: bool = False) -> list[float]:
+        """r(x, y) for each item: a Record or JSON record (scored at its last assistant turn; later turns are
+        ignored), or a `(prompt, response)` pair of strings."""
+        texts = [rm_text(_turns(x), self.backbone, self.tokenizer) for x in items]
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return score_ids(self.model, tokenize(texts, self.tokenizer, self.max_length), self.tokenizer.pad_token_id,
+                             batch_size, progress)  # fmt: skip
+        finally:
+            self.model.train(was_training)
+
+
+def _turns(item: Any) -> list[Turn]:
+    if isinstance(item, tuple) and len(item) == 2 and all(isinstance(x, str) for x in item):
+        return [Turn("User", item[0]), Turn(ASSISTANT, item[1])]
+    if isinstance(item, dict):
+        item = record_from_json(item)
+    if not isinstance(item, Record):
+        raise TypeError(f"cannot score {type(item).__name__}; expected a Record or (prompt, response)")
+    last = max((i for i, t in enumerate(item.conversations) if t.role == ASSISTANT), default=None)
+    if last is None:
+        raise UserError("the conversation has no Assistant turn to score", field="conversations")
+    return item.conversations[: last + 1]
+
+
+def load_rm(path: str | Path, *, device: torch.device | None = None) -> RewardScorer:
+    """Load a folder written by `steerlm train-rm`; a folder without steerlm_rm.json is a UserError."""
+    path = Path(path)
+    meta = models.read_meta(path, META)
+    for key in ("backbone", "pooling", "max_length"):
+        if key not in meta:
+            raise UserError(f"missing key {key!r}", file=str(path / META))
+    dev = device or models.device()
+    backbone, tokenizer = models.load_encoder(str(path), device=dev)
+    if hasattr(backbone, "merge_and_unload"):  # a LoRA reward model: fold the adapter in for scoring
+        backbone = backbone.merge_and_unload()
+    model = RewardModel(backbone, meta["pooling"])
+    head_file = path / meta.get("head", HEAD)
+    if not head_file.exists():
+        raise UserError(f"missing the reward head {head_file.name}", file=str(path))
+    model.head.load_state_dict(load_file(str(head_file)))
+    model.to(dev).eval()
+    return RewardScorer(model, tokenizer, meta, str(path))
+
+
+# ---------------------------------------------------------------- training pieces
+
+
+def encode_comparisons(comps: list[Comparisons], backbone: str, tokenizer, max_length: int) -> list[dict]:
+    """One example per prompt: its responses tokenized, and its (better, worse) pairs."""
+    texts = [
+        rm_text(c.conversation(i).conversations, backbone, tokenizer) for c in comps for i in range(len(c.responses))
+    ]
+    ids = iter(tokenize(texts, tokenizer, max_length))
+    return [{"input_ids": [next(ids) for _ in c.responses], "pairs": c.pairs, "source": c.source} for c in comps]
+
+
+def collate_comparisons(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Flatten the responses of a batch of prompts; pair indices point into the flat batch, `group` names the
+    prompt of each pair (for the per-prompt average of the loss)."""
+    seqs, chosen, rejected, group = [], [], [], []
+    for g, row in enumerate(rows):
+        base = len(seqs)
+        seqs += row["input_ids"]
+        for better, worse in row["pairs"]:
+            chosen.append(base + better)
+            rejected.append(base + worse)
+            group.append(g)
+    return {
+        "input_ids": pad(seqs, pad_id),
+        "attention_mask": pad([[1] * len(s) for s in seqs], 0),
+        "chosen": torch.tensor(chosen, dtype=torch.long),
+        "rejected": torch.tensor(rejected, dtype=torch.long),
+        "group": torch.tensor(group, dtype=torch.long),
+    }
+
+
+def comparison_loss(model: RewardModel, batch: dict) -> tuple[torch.Tensor, dict]:
+    rewards = model(batch["input_ids"], batch["attention_mask"])
+    r_w, r_l = rewards[batch["chosen"]], rewards[batch["rejected"]]
+    loss = pairwise_loss(r_w, r_l, batch["group"])
+    return loss, {"accuracy": (r_w > r_l).float().mean().item(), "margin": (r_w - r_l).mean().item()}
+
+
+def pair_metrics(rows: list[dict], scores: list[list[float]], prefix: str = "val_") -> dict:
+    """Pairwise accuracy (a tie counts as wrong), mean margin r_w - r_l and loss over all pairs, overall and per
+    source."""
+    by_source: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for row, s in zip(rows, scores, strict=True):
+        for better, worse in row["pairs"]:
+            by_source[row["source"]].append((s[better], s[worse]))
+    out: dict = {}
+    parts = [("", [p for ps in by_source.values() for p in ps])]
+    if len(by_source) > 1:
+        parts += [(f"_{k}", v) for k, v in sorted(by_source.items())]
+    for name, pairs in parts:
+        if not pairs:
+            continue
+        margins = [rw - rl for rw, rl in pairs]
+        out[f"{prefix}accuracy{name}"] = sum(m > 0 for m in margins) / len(pairs)
+        out[f"{prefix}margin{name}"] = sum(margins) / len(pairs)
+        # -log σ(m), computed stably for very negative margins
+        out[f"{prefix}loss{name}"] = sum(math.log1p(math.exp(-m)) if m > -30 else -m for m in margins) / len(pairs)
+        out[f"{prefix}pairs{name}"] = len(pairs)
+    return out
+
+
+def format_metrics(metrics: dict, prefix: str = "val_") -> str:
+    """One fixed-format line: held-out pairwise accuracy (overall, then per source), margin and loss."""
+    acc = f"accuracy {metrics.get(prefix + 'accuracy', 0):.3f}"
+    per_source = [
+        f"{k.removeprefix(prefix + 'accuracy_')} {v:.3f}"
+        for k, v in metrics.items()
+        if k.startswith(prefix + "accuracy_")
+    ]
+    if per_source:
+        acc += f" ({', '.join(per_source)})"
+    margin, loss = metrics.get(prefix + "margin", 0), metrics.get(prefix + "loss", 0)
+    return f"held-out pairs {metrics.get(prefix + 'pairs', 0)} | {acc} | margin {margin:.3f} | loss {loss:.4f}"
+
+
+def length_baseline(comps: list[Comparisons]) -> float | None:
+    """Pairwise accuracy of 'the longer answer wins', the trivial reward model to beat."""
+    pairs = [(len(c.responses[better]), len(c.responses[worse])) for c in comps for better, worse in c.pairs]
+    return sum(a > b for a, b in pairs) / len(pairs) if pairs else None
+
+
+def _prepare_out(cfg: Config) -> bool:
+    """Check the output folder; True when a finished model is already there and `resume` was asked."""
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise UserError("exists and is not a folder", file=str(out))
+    if not out.exists() or not any(out.iterdir()):
+        return False
+    if cfg.resume:
+        if train.has_checkpoint(out):
+            return False
+        if (out / META).exists():
+            return True
+        raise UserError("nothing to resume: no checkpoint in this folder", file=str(out))
+    if not cfg.overwrite:
+        raise UserError("output folder exists; pass --overwrite to replace it or --resume to continue", file=str(out))
+    if not any((out / n).exists() for n in (META, "config.yaml", train.CHECKPOINT, train.METRICS)):
+        raise UserError("refusing to overwrite a folder that is not a reward-model output", file=str(out))
+    shutil.rmtree(out)
+    return False
+
+
+def _publish(staging: Path, out: Path) -> None:
+    """Move a saved model into `out` file by file, the meta file last: a folder with steerlm_rm.json is always a
+    complete model (checkpoint/ and metrics.jsonl stay beside it)."""
+    (out / META).unlink(missing_ok=True)
+    for item in staging.iterdir():
+        if item.name == META:
+            continue
+        dest = out / item.name
+        if dest.is_dir():
+            shutil.rmtree(dest)
+        os.replace(item, dest)
+    os.replace(staging / META, out / META)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def main(cfg: Config) -> dict:
+    start = time.time()
+    out = Path(cfg.out)
+    if _prepare_out(cfg):
+        print(f"train-rm: {out} is already complete (nothing to resume)")
+        return {}
+    backbone = cfg.backbone if cfg.backbone != "auto" else backbone_kind(cfg.model)
+    if backbone == "encoder" and cfg.train.lora.enabled:
+        raise UserError("LoRA is offered for causal LM backbones; fine-tune an encoder fully (lora.r=0)",
+                        field="train.lora.r")  # fmt: skip
+    pooling = cfg.pooling if cfg.pooling != "auto" else ("mean" if backbone == "encoder" else "last")
+
+    # 1. comparisons: every ranked pair of each prompt, split by OASST tree / HH pair
+    train_c, val_c, counts = read_comparisons(cfg)
+    if not val_c:
+        raise UserError("no held-out comparisons (too few prompts for the validation fraction)", field="val_fraction")
+
+    # 2. model: backbone (+ LoRA) and a scalar head
+    base, tokenizer = models.load_encoder(cfg.model, device=torch.device("cpu"))
+    if hasattr(base, "merge_and_unload"):  # e.g. initialised from a LoRA SFT model (InstructGPT starts from SFT)
+        base = base.merge_and_unload()
+    freeze_unused(base)
+    base = models.apply_lora(base, cfg.train.lora)
+    torch.manual_seed(cfg.train.seed)
+    model = RewardModel(base, pooling)
+    nn.init.normal_(model.head.weight, std=0.02)
+    nn.init.zeros_(model.head.bias)
+    max_length = cfg.train.max_length
+    train_rows = encode_comparisons(train_c, backbone, tokenizer, max_length)
+    val_rows = encode_comparisons(val_c, backbone, tokenizer, max_length)
+    n_train, n_val = sum(len(r["pairs"]) for r in train_rows), sum(len(r["pairs"]) for r in val_rows)
+    baseline = length_baseline(val_c)
+    print(f"train-rm: {cfg.model} ({backbone}, {pooling} pooling); {len(train_rows)} prompts / {n_train} pairs to "
+          f"train, {len(val_rows)} / {n_val} held out; longer-answer-wins baseline {baseline:.3f}")  # fmt: skip
+    for name, c in counts.items():
+        print(f"  {name}: {c}")
+
+    meta = {
+        "kind": "reward", "backbone": backbone, "pooling": pooling, "max_length": max_length, "base_model": cfg.model,
+        "lora": cfg.train.lora.enabled, "text_format": TEXT_FORMAT, "head": HEAD, "data": counts,
+    }  # fmt: skip
+
+    # 3. held-out pairwise accuracy (the best-checkpoint criterion) and saving the best model as a loadable folder
+    def evaluate(m) -> dict:
+        flat = [ids for row in val_rows for ids in row["input_ids"]]
+        scores = iter(score_ids(m, flat, tokenizer.pad_token_id, cfg.batch_size_eval))
+        metrics = pair_metrics(val_rows, [[next(scores) for _ in row["input_ids"]] for row in val_rows])
+        print(format_metrics(metrics), flush=True)
+        return metrics
+
+    def save_best(m, metrics: dict) -> None:
+        staging = out / ".best.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        models.save_model(m.backbone, tokenizer, staging, META, {**meta, "step_metrics": metrics})
+        save_file({k: v.detach().cpu().contiguous() for k, v in m.head.state_dict().items()}, str(staging / HEAD))
+        _publish(staging, out)
+
+    out.mkdir(parents=True, exist_ok=True)
+    config_lib.save(cfg, out)
+    before = {}
+    if not cfg.resume:
+        model.eval()
+        before = evaluate(model)
+        model.train()
+    summary = train.fit(model, train_rows, lambda rows: collate_comparisons(rows, tokenizer.pad_token_id),
+                        comparison_loss, cfg.train, out, evaluate=evaluate, save_best=save_best, metric=cfg.metric,
+                        higher_is_better=cfg.metric == "val_accuracy", resume=cfg.resume, desc="train-rm")  # fmt: skip
+    # 4. the finished folder is the model: the resumable checkpoint is no longer needed
+    shutil.rmtree(out / train.CHECKPOINT, ignore_errors=True)
+    shutil.rmtree(out / f".{train.CHECKPOINT}.old", ignore_errors=True)
+    best = models.read_meta(out, META).get("step_metrics", {})
+    summary = {**summary, "length_baseline": baseline, "untrained": before, "best_metrics": best, "data": counts}
+    write_json(out / "summary.json", summary)
+    untrained = before.get("val_accuracy", float("nan"))
+    print(f"train-rm: {summary['steps']} steps in {time.time() - start:.0f} s; best {format_metrics(best)} "
+          f"(untrained accuracy {untrained:.3f}, longer-wins {baseline:.3f}) -> {out}", flush=True)  # fmt: skip
+    return summary

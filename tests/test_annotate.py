@@ -1,0 +1,161 @@
+"""SteerLM step 2: annotate conversation files with an APM (order kept, human labels kept, resumable)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from steerlm import annotate, apm, cli
+from steerlm import config as config_lib
+from steerlm.attributes import AttributeSchema
+from steerlm.data import oasst
+from steerlm.data.records import Record, Turn, read_records, write_records
+from steerlm.errors import UserError
+
+SCHEMA = AttributeSchema()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from several threads, and on a shared CPU thread contention makes them crawl."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """Real OASST records (train/val split by tree) and a tiny regression APM trained on 20 of them for 2 steps."""
+    from conftest import SHARED_DATA
+
+    source = SHARED_DATA / "oasst1" / "oasst1-en-dev.jsonl"
+    if not source.exists():
+        pytest.skip(f"real data {source} is absent")
+    folder = tmp_path_factory.mktemp("annotate")
+    train_r, val_r = oasst.split_by_tree(oasst.load_records(source, SCHEMA), 0.2, seed=0)
+    write_records(folder / "train.jsonl", train_r[:20])
+    write_records(folder / "val.jsonl", val_r[:8])
+    write_records(folder / "all.jsonl", train_r[:60])
+    args = apm.APMTrainArgs(max_steps=2, batch_size=4, lr=1e-3)
+    cfg = config_lib.build(apm.Config, {"data": str(folder), "out": str(folder / "apm"), "model": "tiny-encoder",
+                                        "train": args})  # fmt: skip
+    apm.main(cfg)
+    return folder
+
+
+def _run(work, **kw) -> dict:
+    return annotate.main(config_lib.build(annotate.Config, {"apm": str(work / "apm"), **kw}))
+
+
+def test_annotate_records_keeps_order_and_human_labels(work, tmp_path):
+    source, out = work / "all.jsonl", tmp_path / "ann.jsonl"
+    summary = _run(work, input=str(source), out=str(out), batch_size=7, chunk_size=50)
+    before, after = read_records(source), read_records(out)
+    assert summary["records"] == len(before) == len(after)
+    assert not out.with_name("ann.jsonl.partial").exists() and not out.with_name("ann.jsonl.progress.json").exists()
+    for b, a in zip(before, after, strict=True):
+        assert [(t.role, t.value) for t in b.conversations] == [(t.role, t.value) for t in a.conversations]
+        assert a.extra == b.extra
+        for tb, ta in zip(b.conversations, a.conversations, strict=True):
+            if tb.role == "User":
+                assert ta.label is None and "gt_label" not in ta.extra
+            else:
+                assert SCHEMA.parse(ta.label)  # a full attribute string of rounded predictions
+                assert "gt_label" in ta.extra and ta.extra["gt_label"] == tb.label  # the human label (or null)
+    # the batched, chunked labels are what scoring each conversation on its own gives
+    scorer = apm.load_apm(work / "apm")
+    for record in after[:5]:
+        for i, example in apm.assistant_prefixes(record):
+            assert scorer.label(scorer.predict([example], batch_size=1)[0]) == record.conversations[i].label
+
+    # annotating an annotated file keeps the original human label as gt_label
+    again = tmp_path / "again.jsonl"
+    _run(work, input=str(out), out=str(again))
+    assert [t.extra.get("gt_label") for r in read_records(again) for t in r.conversations] == [
+        t.extra.get("gt_label") for r in after for t in r.conversations
+    ]
+
+
+def test_annotate_hh_transcripts(work, shared_data, tmp_path):
+    lines = gzip.open(shared_data / "hh-rlhf" / "harmless-base-dev.jsonl.gz", "rt").read().splitlines()[:5]
+    source = tmp_path / "hh.jsonl"
+    source.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "hh-ann.jsonl"
+    assert cli.run(["annotate", f"--apm={work / 'apm'}", f"--input={source}", f"--out={out}"]) == 0
+    records = read_records(out)
+    assert len(records) == 10
+    assert [r.extra["side"] for r in records] == ["chosen", "rejected"] * 5
+    pair = json.loads(lines[0])
+    assert (
+        records[0].conversations[-1].value in pair["chosen"] and records[1].conversations[-1].value in pair["rejected"]
+    )
+    for r in records:
+        assert all(SCHEMA.parse(t.label) and t.extra["gt_label"] is None for t in r.assistant_turns)
+
+
+def test_annotate_bad_inputs(work, tmp_path):
+    out = tmp_path / "ann.jsonl"
+    _run(work, input=str(work / "val.jsonl"), out=str(out))
+    with pytest.raises(UserError, match="output exists; pass --overwrite"):
+        _run(work, input=str(work / "val.jsonl"), out=str(out))
+    assert _run(work, input=str(work / "val.jsonl"), out=str(out), overwrite=True)["records"] == 8
+    assert cli.run(["annotate", f"--apm={work / 'apm'}", f"--input={work / 'val.jsonl'}", f"--out={out}"]) == 2
+
+    bad = tmp_path / "bad.jsonl"
+    lines = (work / "val.jsonl").read_text().splitlines()[:2] + [json.dumps(Record([Turn("User", "Hi")]).to_json())]
+    bad.write_text("\n".join(lines) + "\n")
+    with pytest.raises(UserError, match=r"bad.jsonl:3: conversations: the conversation has no Assistant turn"):
+        _run(work, input=str(bad), out=str(tmp_path / "x.jsonl"))
+    assert _run(work, input=str(bad), out=str(tmp_path / "x.jsonl"), skip_invalid=True)["invalid_skipped"] == 1
+
+    with pytest.raises(UserError, match="missing steerlm_apm.json"):
+        annotate.main(annotate.Config(apm=str(tmp_path), input=str(work / "val.jsonl"), out=str(tmp_path / "y.jsonl")))
+    with pytest.raises(UserError, match="overwrite the input"):
+        _run(work, input=str(work / "val.jsonl"), out=str(work / "val.jsonl"), overwrite=True)
+
+
+def test_annotate_resumes_after_a_kill(work, tmp_path):
+    source = work / "all.jsonl"
+    expected = tmp_path / "expected.jsonl"
+    _run(work, input=str(source), out=str(expected), chunk_size=3)
+
+    out = tmp_path / "ann.jsonl"
+    partial, progress = tmp_path / "ann.jsonl.partial", tmp_path / "ann.jsonl.progress.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "steerlm.cli", "annotate", f"--apm={work / 'apm'}", f"--input={source}",
+           f"--out={out}", "--chunk_size=3", "--batch_size=4"]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    done = 0
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            done = json.loads(progress.read_text())["records"]
+        except (FileNotFoundError, ValueError, KeyError):
+            done = 0
+        if done >= 9:
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert 9 <= done < len(read_records(source)), "the run was not killed midway"
+    assert partial.exists() and not out.exists()
+    # a kill between writing a chunk and recording it leaves extra bytes: the resumed run cuts them off
+    with open(partial, "ab") as f:
+        f.write(b'{"half-written": ')
+
+    with pytest.raises(UserError, match="pass --resume"):
+        _run(work, input=str(source), out=str(out), chunk_size=3)
+    summary = _run(work, input=str(source), out=str(out), chunk_size=3, resume=True)
+    assert summary["resumed_from"] >= 9
+    assert out.read_bytes() == expected.read_bytes()
+    assert not partial.exists() and not progress.exists()
+    assert _run(work, input=str(source), out=str(out), resume=True)["records"] == 0  # already complete

@@ -1,0 +1,255 @@
+"""SteerLM step 1: the attribute prediction model (train-apm), its metrics and eval-apm, on tiny random models and
+real OASST records."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from steerlm import apm, apm_eval, cli, metrics, models, train
+from steerlm import config as config_lib
+from steerlm.attributes import AttributeSchema
+from steerlm.data import oasst
+from steerlm.data.records import Record, Turn, read_records, write_records
+from steerlm.errors import UserError
+
+SCHEMA = AttributeSchema()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from several threads, and on a shared CPU thread contention makes them crawl."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """~20 training and ~8 validation records from the real OASST slice, split by tree, as `prepare` writes them."""
+    from conftest import SHARED_DATA
+
+    source = SHARED_DATA / "oasst1" / "oasst1-en-dev.jsonl"
+    if not source.exists():
+        pytest.skip(f"real data {source} is absent")
+    records = oasst.load_records(source, SCHEMA)
+    train_r, val_r = oasst.split_by_tree(records, 0.2, seed=0)
+    folder = tmp_path_factory.mktemp("data")
+    write_records(folder / "train.jsonl", train_r[:20])
+    write_records(folder / "val.jsonl", val_r[:8])
+    write_records(folder / "train_t2v.jsonl", (r.with_type("TEXT_TO_VALUE") for r in train_r[:20]))
+    write_records(folder / "val_t2v.jsonl", (r.with_type("TEXT_TO_VALUE") for r in val_r[:8]))
+    return folder
+
+
+def _train(monkeypatch, cfg: apm.Config) -> tuple[dict, torch.nn.Module]:
+    """Run train-apm, keeping the in-memory model `fit` trained (with max_steps inside one epoch, the only validation
+    is at the end, so the saved best model is that final model)."""
+    trained = {}
+    real_fit = train.fit
+
+    def spy(model, *args, **kwargs):
+        trained["model"] = model
+        return real_fit(model, *args, **kwargs)
+
+    monkeypatch.setattr(train, "fit", spy)
+    summary = apm.main(cfg)
+    return summary, trained["model"]
+
+
+def _cfg(data_dir, out, **kw) -> apm.Config:
+    train_args = apm.APMTrainArgs(max_steps=3, batch_size=4, lr=1e-3, log_every=1, warmup_ratio=0.0)
+    return config_lib.build(apm.Config, {"data": str(data_dir), "out": str(out), "train": train_args, **kw})
+
+
+def _assert_in_range(preds, n, schema):
+    assert len(preds) == n
+    for p in preds:
+        assert set(p) <= set(schema.names)
+        assert all(0.0 <= v <= schema.max_level for v in p.values())
+
+
+def test_regression_apm_trains_saves_and_reloads(data_dir, tmp_path, monkeypatch):
+    out = tmp_path / "apm"
+    summary, model = _train(monkeypatch, _cfg(data_dir, out, model="tiny-encoder"))
+    best = out / apm.BEST
+    meta = json.loads((best / apm.META).read_text())
+    assert meta["kind"] == "regression" and meta["backbone"] == "encoder" and meta["pooling"] == "mean"
+    assert meta["max_length"] == 256 and set(meta["train_means"]) == set(meta["attributes"]["names"])
+    assert (out / "metrics.jsonl").exists() and (out / "config.yaml").exists()
+    assert not (out / train.CHECKPOINT).exists()  # a finished run keeps only the model
+    assert summary["val_metrics"]["quality"]["n"] > 0
+
+    # every trainable parameter of the backbone moved; the frozen pooler (unused by mean pooling) did not
+    initial, _ = models.tiny_encoder(0)
+    trained_backbone = models.load_encoder(str(best))[0]
+    for (name, before), after in zip(initial.named_parameters(), trained_backbone.parameters(), strict=True):
+        changed = not torch.equal(before, after.cpu())
+        assert changed == ("pooler" not in name), name
+    head = load_file(str(best / apm.HEAD))
+    start_bias = torch.tensor([meta["train_means"][n] / 9 for n in meta["attributes"]["names"]])
+    assert not torch.allclose(head["bias"], start_bias)
+
+    # the folder loads back (by the run folder or by best/) and predicts exactly what the trained model predicts
+    records = read_records(data_dir / "val.jsonl")
+    loaded = apm.load_apm(out)
+    in_memory = apm.APM(model.eval(), loaded.tokenizer, meta)
+    preds = loaded.predict(records, batch_size=3)
+    _assert_in_range(preds, len(records), loaded.schema)
+    assert all(set(p) == set(loaded.schema.names) for p in preds)
+    assert preds == apm.load_apm(best).predict(records, batch_size=5)
+    for a, b in zip(preds, in_memory.predict(records), strict=True):
+        assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-4 for k in a)
+    # batched (padded, length-sorted) scoring equals one conversation at a time
+    for record, p in zip(records[:3], preds, strict=False):
+        single = loaded.predict([record], batch_size=1)[0]
+        assert all(abs(single[k] - p[k]) < 1e-4 for k in p)
+    labels = [loaded.label(p) for p in preds]
+    assert all(SCHEMA.parse(label) for label in labels)
+
+
+def test_causal_regression_apm_reads_last_token(data_dir, tmp_path, monkeypatch):
+    out = tmp_path / "apm"
+    _train(monkeypatch, _cfg(data_dir, out, model="tiny-lm", attributes=["quality", "humor"]))
+    loaded = apm.load_apm(out)
+    assert loaded.backbone == "causal" and loaded.meta["pooling"] == "last"
+    assert loaded.schema.names == ("quality", "humor")
+    preds = loaded.predict([("Tell me a joke.", "Why did the chicken cross the road?")] * 2)
+    _assert_in_range(preds, 2, loaded.schema)
+    assert preds[0] == preds[1]
+
+
+def test_generative_apm_trains_saves_and_reloads(data_dir, tmp_path, monkeypatch):
+    out = tmp_path / "apm"
+    summary, model = _train(monkeypatch, _cfg(data_dir, out, model="tiny-lm", kind="generative"))
+    best = out / apm.BEST
+    meta = json.loads((best / apm.META).read_text())
+    assert meta["kind"] == "generative" and meta["template"] == "nemo"
+    initial, _ = models.tiny_causal_lm(0)
+    trained = models.load_causal_lm(str(best))[0]
+    for (name, before), after in zip(initial.named_parameters(), trained.parameters(), strict=True):
+        assert not torch.equal(before, after.cpu()), name
+
+    records = read_records(data_dir / "val.jsonl")
+    loaded = apm.load_apm(out)
+    preds = loaded.predict(records, batch_size=4)
+    _assert_in_range(preds, len(records), loaded.schema)
+    # a random tiny LM mostly emits unparseable strings: each one is counted, and its prediction is empty
+    assert loaded.parse_failures == sum(not p for p in preds)
+    assert all(float(v).is_integer() for p in preds for v in p.values())
+    in_memory = apm.APM(model.eval(), loaded.tokenizer, meta)
+    assert in_memory.predict(records, batch_size=4) == preds
+    assert summary["val_parse_failures"] >= 0
+
+
+def test_train_apm_cli_with_builtin_tiny_model(data_dir, tmp_path, capsys):
+    out = tmp_path / "apm"
+    argv = ["train-apm", f"--data={data_dir}", f"--out={out}", "--model=tiny-encoder", "--train.max_steps=2",
+            "--train.batch_size=4", "--attributes=quality,helpfulness"]  # fmt: skip
+    assert cli.run(argv) == 0
+    assert "train-apm: 2 steps" in capsys.readouterr().out
+    assert apm.load_apm(out).schema.names == ("quality", "helpfulness")
+    # an existing output needs --overwrite or --resume
+    assert cli.run(argv) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert cli.run(argv + ["--resume"]) == 0  # finished already: nothing to do
+    assert "already complete" in capsys.readouterr().out
+    assert cli.run(argv + ["--overwrite"]) == 0
+
+
+def test_generative_parser_is_strict():
+    meta = {"kind": "generative", "attributes": {"names": ["quality", "humor"], "levels": 10}, "backbone": "causal",
+            "max_length": 64}  # fmt: skip
+    scorer = apm.APM(None, None, meta)
+    assert scorer._parse("quality:7,humor:2\n<extra_id_1>") == {"quality": 7.0, "humor": 2.0}
+    assert scorer._parse("humor:3<extra_id_1>") == {"humor": 3.0}
+    broken = ["quality:12", "quality:x,humor:1", "quality:1,quality:2", "toxicity:1", "quality 7", "", "\n",
+              "quality:7,humor:2 extra", "quality:-1"]  # fmt: skip
+    for text in broken:
+        assert scorer._parse(text) == {}, text
+    assert scorer.parse_failures == len(broken)
+    assert scorer.failed_outputs == broken
+
+
+def test_masked_mse_ignores_missing_labels():
+    pred = torch.tensor([[0.5, 0.9], [0.1, 0.2]])
+    target = torch.tensor([[0.5, 0.0], [0.3, 0.0]])
+    present = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    assert apm.masked_mse(pred, target, present).item() == pytest.approx(0.02)
+
+
+def test_plain_text_is_truncated_from_the_left():
+    _, tokenizer = models.tiny_encoder(0)
+    turns = [Turn("User", "a long question " * 50), Turn("Assistant", "The answer is Paris.")]
+    text = apm.plain_text(turns)
+    assert text.startswith("User: a long") and text.endswith("\n\nAssistant: The answer is Paris.")
+    ids = apm._tokenize_texts(tokenizer, [text], 16)[0]
+    assert len(ids) == 16
+    assert tokenizer.decode(ids, skip_special_tokens=True).endswith("The answer is Paris.")
+
+
+def test_read_examples_one_per_labelled_turn(data_dir):
+    examples = apm.read_examples(data_dir / "train.jsonl", SCHEMA)
+    records = read_records(data_dir / "train.jsonl")
+    ids = {t.extra["message_id"] for r in records for t in r.assistant_turns if t.label}
+    assert len(examples) == len(ids)  # shared prefixes of one tree counted once
+    assert all(e.turns[-1].role == "Assistant" and e.levels for e in examples)
+    assert all(t.label is None for e in examples for t in e.turns)  # labels are never part of the input
+
+
+def test_bad_inputs_are_clear_errors(data_dir, tmp_path):
+    with pytest.raises(UserError, match="unknown attribute 'qualty'"):
+        config_lib.build(apm.Config, {"data": str(data_dir), "attributes": ["qualty"]})
+    assert cli.run(["train-apm", f"--data={data_dir}", "--attributes=quality,qualty"]) == 2
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    good = (data_dir / "train.jsonl").read_text().splitlines()
+    user_only = json.dumps(Record([Turn("User", "Hello?")]).to_json())
+    (bad / "train.jsonl").write_text("\n".join(good[:2] + [user_only]) + "\n")
+    (bad / "val.jsonl").write_text((data_dir / "val.jsonl").read_text())
+    with pytest.raises(UserError, match=r"train.jsonl:3: conversations: the conversation has no Assistant turn"):
+        apm.main(_cfg(bad, tmp_path / "out", model="tiny-encoder"))
+
+    (bad / "train.jsonl").write_text(good[0].replace('"quality:', '"quality:1', 1) + "\n")
+    with pytest.raises(UserError, match=r"train.jsonl:1: conversations\[1\].label: .*out of range"):
+        apm.main(_cfg(bad, tmp_path / "out", model="tiny-encoder"))
+
+    with pytest.raises(UserError, match="missing steerlm_apm.json"):
+        apm.load_apm(bad)
+    (bad / "val.jsonl").unlink()
+    with pytest.raises(UserError, match="missing val.jsonl"):
+        apm.main(_cfg(bad, tmp_path / "out2", model="tiny-encoder"))
+
+
+def test_metrics():
+    assert metrics.mae([1, 2, 3], [1, 3, 5]) == pytest.approx(1.0)
+    assert metrics.exact_acc([1.4, 2.6, 3], [1, 3, 5]) == pytest.approx(2 / 3)
+    assert metrics.within1([1.4, 4.6, 3], [1, 3, 5]) == pytest.approx(1 / 3)
+    assert metrics.spearman([1, 2, 3, 4], [10, 20, 30, 25]) == pytest.approx(0.8)
+    assert metrics.spearman([2, 2, 2], [1, 2, 3]) is None  # constant predictions (the mean baseline)
+    assert metrics.mae([], []) is None
+    assert metrics.summarize([1], [1]) == {"n": 1, "mae": 0.0, "exact": 1.0, "within1": 1.0, "spearman": None}
+
+
+def test_eval_apm_writes_table_json_and_plot(data_dir, tmp_path, capsys):
+    out = tmp_path / "apm"
+    assert cli.run(["train-apm", f"--data={data_dir}", f"--out={out}", "--model=tiny-encoder", "--train.max_steps=2",
+                    "--train.batch_size=4"]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert cli.run(["eval-apm", f"--apm={out}", f"--data={data_dir}"]) == 0
+    printed = capsys.readouterr().out
+    assert "quality" in printed and "spearman" in printed
+    report = json.loads((out / "eval" / apm_eval.REPORT).read_text())
+    assert (out / "eval" / apm_eval.PLOT).stat().st_size > 1000
+    quality = report["attributes"]["quality"]
+    assert quality["apm"]["n"] == quality["baseline"]["n"] > 0
+    means = json.loads((out / "best" / apm.META).read_text())["train_means"]
+    assert quality["train_mean"] == means["quality"] and quality["baseline"]["spearman"] is None
+    assert not math.isnan(quality["apm"]["mae"])
+    assert cli.run(["eval-apm", f"--apm={out}", f"--data={data_dir / 'val.jsonl'}"]) == 2  # exists: --overwrite

@@ -1,0 +1,203 @@
+"""Reward model (InstructGPT step 2, SPEC §6): comparisons from ranks and HH pairs, the pairwise loss, demonstrations,
+and `steerlm train-rm` end to end on a tiny encoder."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from steerlm import cli, config, reward
+from steerlm.data import hh, preferences
+from steerlm.data.records import ASSISTANT, USER, Record, Turn, write_records
+from steerlm.losses import pairwise_loss
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread; on a shared CPU, two threads per op can be 20x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path_factory, monkeypatch):
+    """Built-in tiny models go to a private cache shared by this module's tests."""
+    monkeypatch.setenv("STEERLM_CACHE", str(tmp_path_factory.getbasetemp() / "steerlm-cache"))
+
+
+def user(text, mid):
+    return Turn(USER, text, None, {"message_id": mid})
+
+
+def answer(text, mid, rank, quality=None):
+    return Turn(
+        ASSISTANT, text, f"quality:{quality}" if quality is not None else None, {"message_id": mid, "rank": rank}
+    )
+
+
+def tree() -> list[Record]:
+    """One OASST-like tree as flattening writes it: a prompt with three ranked replies (one continued) and one
+    unranked reply; every root-to-leaf path is a record, so prefixes repeat."""
+    p, blue, why = user("Name a colour.", "p"), answer("Blue.", "a1", 1, quality=9), user("Why?", "u1")
+    paths = [
+        [p, blue, why, answer("Sky.", "b0", 0)],
+        [p, blue, why, answer("Sea.", "b1", 1)],
+        [p, answer("Red.", "a0", 0, quality=5)],
+        [p, answer("Green.", "a2", 2, quality=3)],
+        [p, answer("Colour?", "ax", None)],
+    ]
+    return [Record(turns, extra={"tree_id": "t"}) for turns in paths]
+
+
+# ---------------------------------------------------------------- comparisons
+
+
+def test_ranked_pairs_are_all_k_choose_2_best_first():
+    assert preferences.ranked_pairs([2, 0, 1]) == [(1, 2), (1, 0), (2, 0)]
+    for k in range(1, 7):
+        pairs = preferences.ranked_pairs(list(range(k))[::-1])
+        assert len(pairs) == k * (k - 1) // 2
+        assert all(b != w and (k - 1 - w) < (k - 1 - b) for w, b in pairs)  # the better one has the lower rank
+    assert preferences.ranked_pairs([0, 1, 1]) == [(0, 1), (0, 2)]  # equal ranks give no pair
+
+
+def test_comparisons_from_sibling_ranks():
+    comps = {c.prompt.conversations[-1].value: c for c in preferences.comparisons_from_records(tree())}
+    first = comps["Name a colour."]
+    assert first.responses == ["Red.", "Blue.", "Green."]  # best first; the unranked reply is left out
+    assert first.pairs == [(0, 1), (0, 2), (1, 2)]
+    assert first.group == "t" and first.source == "oasst"
+    second = comps["Why?"]  # the reply to the follow-up: the prompt is the conversation so far
+    assert [t.value for t in second.prompt.conversations] == ["Name a colour.", "Blue.", "Why?"]
+    assert second.responses == ["Sky.", "Sea."] and second.pairs == [(0, 1)]
+    assert all(t.label is None for t in second.prompt.conversations)  # labels are not part of the prompt
+
+
+def test_real_oasst_and_hh_comparisons(oasst_file, hh_file):
+    kind, records = preferences.read_source(oasst_file)
+    comps = preferences.comparisons_from_records(records, kind)
+    assert kind == "oasst" and len(comps) > 100
+    for c in comps:
+        assert len(c.pairs) == len(c.responses) * (len(c.responses) - 1) // 2  # OASST ranks are distinct
+        assert c.prompt.conversations[-1].role == USER
+    train, val = preferences.split(comps, 0.2, seed=0)
+    assert {c.group for c in train}.isdisjoint({c.group for c in val}) and val  # split by tree
+    pairs = hh.read_pairs(hh_file, skip_invalid=True)[:50]
+    hc = preferences.comparisons_from_hh(pairs)
+    assert [c.responses for c in hc] == [[p.chosen, p.rejected] for p in pairs] and all(
+        c.pairs == [(0, 1)] for c in hc
+    )
+
+
+def test_a_prompts_pairs_stay_in_one_batch():
+    rows = [{"input_ids": [[1, 2], [3], [4, 5, 6]], "pairs": [(0, 1), (0, 2), (1, 2)], "source": "oasst"},
+            {"input_ids": [[7], [8]], "pairs": [(0, 1)], "source": "hh"}]  # fmt: skip
+    batch = reward.collate_comparisons(rows, pad_id=0)
+    assert batch["input_ids"].shape == (5, 3)  # each response encoded once
+    assert batch["chosen"].tolist() == [0, 0, 1, 3] and batch["rejected"].tolist() == [1, 2, 2, 4]
+    assert batch["group"].tolist() == [0, 0, 0, 1]
+
+
+# ---------------------------------------------------------------- the loss
+
+
+def test_pairwise_loss_by_hand():
+    def nls(x):  # -log sigmoid(x)
+        return math.log1p(math.exp(-x))
+
+    r_w, r_l = torch.tensor([2.0, 0.0, 1.0]), torch.tensor([1.0, 1.0, 1.0])
+    assert pairwise_loss(r_w, r_l).item() == pytest.approx((nls(1) + nls(-1) + nls(0)) / 3, abs=1e-6)
+    assert nls(1) == pytest.approx(0.313262, abs=1e-6) and nls(-1) == pytest.approx(1.313262, abs=1e-6)
+    # per prompt first: prompt 0 has two comparisons, prompt 1 one; the prompts weigh equally
+    grouped = pairwise_loss(r_w, r_l, torch.tensor([0, 0, 1])).item()
+    assert (
+        grouped == pytest.approx(((nls(1) + nls(-1)) / 2 + nls(0)) / 2, abs=1e-6) == pytest.approx(0.753204, abs=1e-5)
+    )
+    r_w.requires_grad_(True)
+    pairwise_loss(r_w, r_l).backward()
+    assert (r_w.grad < 0).all()  # raising the preferred reward lowers the loss
+
+
+# ---------------------------------------------------------------- demonstrations
+
+
+def test_demonstrations_keep_only_best_answers():
+    demos, stats = preferences.demonstrations_from_records(tree(), by="rank")
+    assert [[t.value for t in d.conversations] for d in demos] == [["Name a colour.", "Red."]]
+    assert all(t.label is None for d in demos for t in d.conversations)
+    by_quality, _ = preferences.demonstrations_from_records(tree(), by="quality")
+    assert [[t.value for t in d.conversations] for d in by_quality] == [["Name a colour.", "Blue.", "Why?", "Sky."]]
+    assert stats["not_best"] == 4
+
+
+def test_hh_demonstrations_are_the_chosen_conversations(hh_file):
+    pairs = hh.read_pairs(hh_file, skip_invalid=True)[:5]
+    demos = preferences.demonstrations_from_hh(pairs)
+    assert [d.conversations[-1].value for d in demos] == [p.chosen for p in pairs]
+
+
+# ---------------------------------------------------------------- train-rm end to end
+
+
+def synthetic(path, n, seed):
+    """Ranked replies where the better one is polite: a preference a tiny encoder can learn."""
+    records = []
+    for i in range(n):
+        q = user(f"Question {seed}-{i}: can you help me?", f"q{seed}-{i}")
+        for j, (text, rank) in enumerate([("Yes, thank you, here is the answer.", 0), ("No. Go away.", 1)]):
+            records.append(Record([q, answer(text, f"a{seed}-{i}-{j}", rank)], extra={"tree_id": f"t{seed}-{i}"}))
+    write_records(path, records)
+    return str(path)
+
+
+def test_train_rm_learns_a_preference_and_loads_back(tmp_path):
+    out = tmp_path / "rm"
+    code = cli.run(["train-rm", synthetic(tmp_path / "train.jsonl", 24, 0), "--val-data",
+                    synthetic(tmp_path / "val.jsonl", 6, 1), "--model", "tiny-encoder", "--out", str(out),
+                    "--train.epochs", "4", "--train.lr", "0.003", "--train.max_length", "32",
+                    "--train.batch_size", "4", "--train.log_every", "2"])  # fmt: skip
+    assert code == 0
+    meta = json.loads((out / "steerlm_rm.json").read_text())
+    assert meta["backbone"] == "encoder" and meta["pooling"] == "mean" and meta["step_metrics"]["val_accuracy"] == 1.0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["best_metrics"]["val_margin"] > summary["untrained"]["val_margin"]
+    assert not (out / "checkpoint").exists()
+    rm = reward.load_rm(out)
+    good, bad = rm.score(
+        [("Can you help me?", "Yes, thank you, here is the answer."), ("Can you help me?", "No. Go away.")]
+    )
+    assert good > bad
+    rec = Record([Turn(USER, "Can you help me?"), Turn(ASSISTANT, "No. Go away."), Turn(USER, "Please?")])
+    assert rm.score([rec])[0] == pytest.approx(bad, abs=1e-5)  # scored at the last answer
+    # an existing output needs --overwrite
+    assert cli.run(["train-rm", str(tmp_path / "train.jsonl"), "--model", "tiny-encoder", "--out", str(out)]) == 2
+
+
+def test_train_rm_on_real_pairs_splits_each_source(tmp_path, oasst_file, hh_file):
+    cfg = reward.Config(data=[str(hh_file), str(oasst_file)], out=str(tmp_path / "rm"), model="tiny-encoder",
+                        max_prompts=12, skip_invalid=True, val_fraction=0.25,
+                        train=reward.RMTrainArgs(max_steps=2, max_length=48, batch_size=4))  # fmt: skip
+    summary = reward.main(cfg)
+    metrics = summary["best_metrics"]
+    assert {"val_accuracy", "val_accuracy_hh", "val_accuracy_oasst", "val_margin", "val_pairs"} <= set(metrics)
+    counts = summary["data"]
+    assert counts["harmless-base-dev.jsonl.gz"]["kind"] == "hh" and counts["oasst1-en-dev.jsonl"]["kind"] == "oasst"
+    assert all(c["val_pairs"] > 0 and c["train_pairs"] > 0 for c in counts.values())
+
+
+def test_causal_backbone_with_lora(tmp_path):
+    out = tmp_path / "rm"
+    train = reward.RMTrainArgs(max_steps=2, lr=1e-3, batch_size=4, max_length=32, lora=config.LoraArgs(r=4))
+    data, val = synthetic(tmp_path / "train.jsonl", 8, 0), synthetic(tmp_path / "val.jsonl", 2, 1)
+    cfg = reward.Config(data=[data], val_data=[val], out=str(out), model="tiny-lm", train=train)
+    reward.main(cfg)
+    meta = json.loads((out / "steerlm_rm.json").read_text())
+    assert meta["backbone"] == "causal" and meta["pooling"] == "last" and meta["lora"] is True
+    assert (out / "adapter_config.json").exists()  # a LoRA reward model is an adapter folder plus the head
+    scores = reward.load_rm(out).score([("Hi", "Hello."), ("Hi", "Go away.")])
+    assert len(scores) == 2 and all(math.isfinite(s) for s in scores)

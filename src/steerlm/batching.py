@@ -12,11 +12,12 @@ pass and decodes them together, one token per row per step, with a KV cache. Bet
 Every sampling setting (greedy, temperature, top-k, top-p, repetition penalty, seed, stop strings, minimum and
 maximum length, attribute guidance) is applied per row, so any requests can share a batch. A row with attribute
 guidance (`SamplingArgs.guidance_scale` != 1, see `generate.guidance_mix`) brings a shadow row with its neutral
-prompt: both decode in the same batch, the row samples from the mixed logits and the shadow is fed the same token. The semantics follow Hugging Face's
-`generate` logits processors, applied in the same order (repetition penalty, temperature, top-k, top-p), and each
-row samples from its own seeded `torch.Generator`, so a seeded request gives the same answer whatever it is
-batched with (up to floating-point differences of padded batches). Positions are given explicitly per row, so left
-padding never shifts a row's positions.
+prompt: both decode in the same batch, the row samples from the mixed logits and the shadow is fed the same token.
+The next token is chosen by `generate.next_tokens`, the same function as `Generator`'s loop (Hugging Face's logits
+processors, in their order: repetition penalty, temperature, top-k, top-p); each row samples from its own seeded
+`torch.Generator`, so a seeded request gives the same answer whatever it is batched with (up to floating-point
+differences of padded batches). Positions are given explicitly per row, so left padding never shifts a row's
+positions.
 """
 
 from __future__ import annotations
@@ -32,10 +33,10 @@ from typing import Any
 
 import torch
 
+from steerlm.generate import guide, next_tokens
+
 log = logging.getLogger("steerlm.serve")
 
-#: Candidates taken per sampled row before top-p filtering (see `sample`).
-_CANDIDATES = 256
 #: Kinds of events a row's sink receives: ("text", str delta), ("done", Finished), ("error", message).
 TEXT, DONE, ERROR = "text", "done", "error"
 
@@ -62,7 +63,7 @@ class Row:
 
     prompt_ids: list[int]
     sampling: Any
-    """A `generate.SamplingArgs` (or anything with the same fields)."""
+    """A `generate.SamplingArgs`."""
     sink: Callable[[str, Any], None]
     include_stop: bool = False
     """Keep the stop string that ended the answer in its text (NeMo's /generate does)."""
@@ -279,9 +280,8 @@ class Engine:
             where = {id(r): i for i, r in enumerate(rows)}
             pairs = [(i, where[id(rows[i].shadow)]) for i in mains if rows[i].shadow is not None]
             logits = logits.clone()
-            for i, j in pairs:  # generate.guidance_mix: l(neutral) + s * (l(requested) - l(neutral))
-                scale = rows[i].sampling.guidance_scale
-                logits[i] = logits[j] + scale * (logits[i] - logits[j])
+            for i, j in pairs:
+                logits[i] = guide(logits[i], logits[j], rows[i].sampling.guidance_scale)
         chosen = sample(logits[mains] if pairs else logits, [rows[i] for i in mains], self.eos_ids)
         next_ids = torch.empty(len(rows), dtype=torch.long)
         next_ids[mains] = chosen
@@ -423,58 +423,25 @@ def _merge(a: _Batch, b: _Batch) -> _Batch:
     )
 
 
-# ---------------------------------------------------------------- sampling (per row, vectorised where it pays)
+# ---------------------------------------------------------------- sampling (generate.next_tokens, per row)
 
 
 def sample(logits: torch.Tensor, rows: Sequence[Row], eos_ids: Sequence[int]) -> torch.Tensor:
-    """One next token per row, each row with its own settings: repetition penalty, then greedy argmax, or
-    temperature, top-k and top-p filtering (as Hugging Face's processors, in that order) and a draw from the row's
-    own generator. Before `min_new_tokens` the end-of-sequence tokens cannot be chosen."""
-    logits = logits.clone()
-    for i, row in enumerate(rows):
-        s = row.sampling
-        if s.repetition_penalty and s.repetition_penalty != 1.0:
-            seen = torch.tensor(sorted(set(row.prompt_ids) | set(row.tokens)), device=logits.device)
-            seen = seen[seen < logits.shape[1]]
-            scores = logits[i, seen]
-            logits[i, seen] = torch.where(scores > 0, scores / s.repetition_penalty, scores * s.repetition_penalty)
-        if eos_ids and len(row.tokens) < (s.min_new_tokens or 0):
-            logits[i, [e for e in eos_ids if e < logits.shape[1]]] = float("-inf")
-    out = logits.argmax(dim=-1)
-    drawn = [i for i, r in enumerate(rows) if not _is_greedy(r.sampling)]
-    if not drawn:
-        return out.cpu()
-    temps = torch.tensor([float(rows[i].sampling.temperature) for i in drawn], device=logits.device)
-    probs = (logits[drawn] / temps[:, None]).softmax(dim=-1)
-    # Sorting the whole vocabulary per row costs as much as a decode step with SmolLM2's 49k tokens; the nucleus
-    # almost always lies within the few hundred most likely tokens, so those are taken with topk, and a row falls
-    # back to a full sort only when they do not reach its top_p (the result is the same either way).
-    vocab = probs.shape[1]
-    width = min(vocab, max([_CANDIDATES] + [int(rows[i].sampling.top_k or 0) for i in drawn]))
-    top_probs, top_ids = probs.topk(width, dim=-1)
-    for j, i in enumerate(drawn):
-        s = rows[i].sampling
-        k, p = min(int(s.top_k or 0), vocab), float(s.top_p or 1.0)
-        ids = None
-        if k > 0:  # top-k, renormalised before top-p (HF's order)
-            cand, ids = top_probs[j, :k], top_ids[j, :k]
-            cand = cand / cand.sum()
-        elif p < 1.0 and float(top_probs[j].sum()) >= p:
-            cand, ids = top_probs[j], top_ids[j]
-        elif p < 1.0:
-            cand, ids = probs[j].sort(descending=True)
-        else:
-            cand = probs[j]
-        if p < 1.0:  # the smallest prefix whose mass reaches p: a token goes when the mass before it exceeds p
-            n = max(1, int(((cand.cumsum(0) - cand) <= p).sum()))
-            cand, ids = cand[:n], ids[:n]
-        pick = torch.multinomial(cand, 1, generator=_generator(rows[i], probs.device))
-        out[i] = ids[pick[0]] if ids is not None else pick[0]
-    return out.cpu()
-
-
-def _is_greedy(s) -> bool:
-    return bool(s.greedy) or not s.temperature or s.temperature <= 0
+    """One next token per row, each row with its own settings and its own generator: `generate.next_tokens` (the one
+    definition of the choice), given each row's seen tokens (prompt and answer so far, for the repetition penalty)
+    and answer length (end-of-sequence tokens cannot be chosen before `min_new_tokens`)."""
+    seen = None
+    penalised = [i for i, r in enumerate(rows) if r.sampling.repetition_penalty != 1.0]
+    if penalised:
+        which, tokens = [], []
+        for i in penalised:
+            ids = [t for t in set(rows[i].prompt_ids) | set(rows[i].tokens) if t < logits.shape[1]]
+            which += [i] * len(ids)
+            tokens += ids
+        seen = (torch.tensor(which, device=logits.device), torch.tensor(tokens, device=logits.device))
+    generators = [None if r.sampling.is_greedy else _generator(r, logits.device) for r in rows]
+    return next_tokens(logits, [r.sampling for r in rows], generators, seen=seen,
+                       lengths=[len(r.tokens) for r in rows], end_ids=eos_ids)  # fmt: skip
 
 
 def _generator(row: Row, device: torch.device) -> torch.Generator:

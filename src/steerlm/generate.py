@@ -133,10 +133,14 @@ def guidance_mix(scale: float) -> LogitsMix:
     settings (repetition penalty, temperature, top-k/p) are applied to the mixed logits."""
 
     def mix(logits: torch.Tensor) -> torch.Tensor:
-        requested, neutral = logits[0], logits[1]
-        return neutral + scale * (requested - neutral)
+        return guide(logits[0], logits[1], scale)
 
     return mix
+
+
+def guide(requested: torch.Tensor, neutral: torch.Tensor, scale: float) -> torch.Tensor:
+    """The guidance rule itself: l(neutral) + s * (l(requested) - l(neutral))."""
+    return neutral + scale * (requested - neutral)
 
 
 class Generator:
@@ -166,7 +170,6 @@ class Generator:
         gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         ends |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
         self.end_ids = sorted(i for i in ends if i is not None)
-        self._end_tensor = torch.tensor(self.end_ids, dtype=torch.long, device=self.device)
         # Computing logits for the last prompt position only saves a (batch, length, vocab) tensor.
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self._keep_last = "logits_to_keep" in inspect.signature(base.forward).parameters
@@ -384,8 +387,10 @@ class Generator:
         for step in range(sampling.max_new_tokens):
             logits = out.logits[:, -1, :].float()
             logits = mix(logits.view(groups, len(alive), -1)) if mix is not None else logits[: len(alive)]
-            logits = self._process(logits, seen, step, sampling)
-            chosen = _choose(logits, sampling, rng).tolist()
+            live = len(alive)
+            at = seen.nonzero(as_tuple=True) if seen is not None else None
+            chosen = next_tokens(logits, [sampling] * live, [rng] * live, seen=at, lengths=[step] * live,
+                                 end_ids=self.end_ids).tolist()  # fmt: skip
             for b, token in zip(alive, chosen, strict=True):
                 self._advance(rows[b], token, sampling, stops)
             yield rows
@@ -409,28 +414,6 @@ class Generator:
                              use_cache=True)  # fmt: skip
             past = out.past_key_values
 
-    def _process(self, logits: torch.Tensor, seen, step: int, sampling: SamplingArgs) -> torch.Tensor:
-        if seen is not None:
-            penalised = torch.where(logits > 0, logits / sampling.repetition_penalty,
-                                    logits * sampling.repetition_penalty)  # fmt: skip
-            logits = torch.where(seen, penalised, logits)
-        if step < sampling.min_new_tokens and len(self.end_ids):
-            logits[:, self._end_tensor[self._end_tensor < logits.shape[-1]]] = float("-inf")
-        if sampling.is_greedy:
-            return logits
-        if sampling.temperature != 1.0:
-            logits = logits / sampling.temperature
-        if 0 < sampling.top_k < logits.shape[-1]:
-            kth = torch.topk(logits, sampling.top_k, dim=-1).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        if sampling.top_p < 1.0:
-            sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-            probs = sorted_logits.softmax(-1)
-            drop = probs.cumsum(-1) - probs > sampling.top_p  # keep the smallest prefix reaching p (at least one)
-            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-            logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-        return logits
-
     def _advance(self, row: _Row, token: int, sampling: SamplingArgs, stops: list[str]) -> None:
         if token in self.end_ids and len(row.tokens) >= sampling.min_new_tokens:
             row.finish = "stop"
@@ -448,11 +431,133 @@ class Generator:
             row.finish = "length"
 
 
-def _choose(logits: torch.Tensor, sampling: SamplingArgs, rng: torch.Generator | None) -> torch.Tensor:
-    if sampling.is_greedy:
-        return logits.argmax(-1)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=rng).squeeze(-1)
+# ---------------------------------------------------------------- the next-token choice (both decoding loops)
+
+#: Candidate tokens taken per filtered row before top-k/top-p (see `next_tokens`).
+_CANDIDATES = 256
+
+
+def next_tokens(logits: torch.Tensor, samplings: Sequence[SamplingArgs], generators: Sequence[torch.Generator | None],
+                *, seen: tuple[torch.Tensor, torch.Tensor] | None = None, lengths: Sequence[int] | None = None,
+                end_ids: Sequence[int] = ()) -> torch.Tensor:  # fmt: skip
+    """The next token of every row of `logits` (rows, vocab), each row with its own settings: the one definition of
+    the next-token choice, used by `Generator` (the same settings for every row) and by the server's
+    `batching.Engine` (per-answer settings and generators).
+
+    In Hugging Face's order: the repetition penalty on the tokens in `seen` ((row, token) index tensors, repeats
+    allowed: the tokens of each row's prompt and answer so far); end tokens (`end_ids`) blocked while a row has
+    generated (`lengths`) fewer than its `min_new_tokens`; then greedy argmax, or temperature, top-k (the tokens whose
+    logit reaches the k-th largest, ties kept, as `TopKLogitsWarper`), top-p (the smallest most-likely-first prefix
+    whose probability reaches p) and a draw from the row's generator (None: torch's global one). Rows that share a
+    generator draw from it in one call; a row with a generator of its own draws from exactly its support, so its
+    tokens do not depend on its batch mates. Returns a CPU long tensor."""
+    rows, vocab = logits.shape
+    if len(samplings) != rows or len(generators) != rows:
+        raise ValueError(f"{rows} rows of logits, {len(samplings)} sampling settings, {len(generators)} generators")
+    dev = logits.device
+    penalties = [float(s.repetition_penalty) for s in samplings]
+    if seen is not None and len(seen[0]):
+        for value in sorted(set(penalties) - {1.0}):  # CTRL's penalty, as transformers' processor
+            at = seen
+            if any(x != value for x in penalties):
+                match = torch.tensor([x == value for x in penalties], device=dev)[seen[0]]
+                at = (seen[0][match], seen[1][match])
+            scores = logits[at]
+            logits = logits.index_put(at, torch.where(scores > 0, scores / value, scores * value))
+    if lengths is not None and len(end_ids):
+        blocked = [i for i, s in enumerate(samplings) if lengths[i] < s.min_new_tokens]
+        ends = [e for e in end_ids if e < vocab]
+        if blocked and ends:
+            logits = logits.clone()
+            logits[torch.tensor(blocked, device=dev)[:, None], torch.tensor(ends, device=dev)] = float("-inf")
+    drawn = [i for i, s in enumerate(samplings) if not s.is_greedy]
+    if len(drawn) == rows:
+        return _draw(logits, samplings, generators).cpu()
+    out = logits.argmax(-1)
+    if drawn:
+        out[drawn] = _draw(logits[drawn], [samplings[i] for i in drawn], [generators[i] for i in drawn])
+    return out.cpu()
+
+
+def _draw(logits: torch.Tensor, samplings: Sequence[SamplingArgs],
+          generators: Sequence[torch.Generator | None]) -> torch.Tensor:  # fmt: skip
+    """Temperature, top-k, top-p and a draw, for the rows of `next_tokens` that sample."""
+    rows, vocab = logits.shape
+    temperatures = torch.tensor([float(s.temperature) for s in samplings], device=logits.device)
+    scaled = logits / temperatures[:, None]
+    probs = scaled.softmax(-1)
+    ks = [s.top_k if s.top_k < vocab else 0 for s in samplings]
+    ps = [float(s.top_p) for s in samplings]
+    # Sorting the whole vocabulary per row costs as much as a decode step with SmolLM2's 49k tokens; a row's top-k
+    # set or nucleus almost always lies within the few hundred most likely tokens, so those are taken with topk, and
+    # only the rows whose support may reach beyond them (a flat nucleus, ties at the k-th logit) are done again over
+    # the whole vocabulary. The supports are the same either way.
+    passes: list[tuple[torch.Tensor, torch.Tensor]] = []  # (probabilities, token ids) of the filtered rows
+    where: dict[int, tuple[int, int, int]] = {}  # row -> (pass, its row there, support size)
+    todo = [j for j in range(rows) if ks[j] or ps[j] < 1.0]
+    width = min(vocab, max([_CANDIDATES] + [k + 1 for k in ks]))
+    while todo:
+        every = len(todo) == rows  # (no copies of the whole rows then)
+        cand, ids, sizes, whole = _filter(scaled if every else scaled[todo], probs if every else probs[todo],
+                                          [ks[j] for j in todo], [ps[j] for j in todo], width)  # fmt: skip
+        passes.append((cand, ids))
+        for r, j in enumerate(todo):
+            if whole[r]:
+                where[j] = (len(passes) - 1, r, sizes[r])
+        todo = [j for r, j in enumerate(todo) if not whole[r]]
+        width = vocab
+    groups: dict[int, list[int]] = {}
+    for j, gen in enumerate(generators):
+        groups.setdefault(id(gen), []).append(j)
+    order, tokens = [], []
+    for members in groups.values():
+        gen = generators[members[0]]
+        plain = [j for j in members if j not in where]  # no top-k or top-p: the whole distribution
+        if plain:
+            order += plain
+            tokens.append(torch.multinomial(probs[plain], 1, generator=gen).squeeze(1))
+        cut = [j for j in members if j in where]
+        if cut:
+            size = max(where[j][2] for j in cut)
+            if len({where[j][0] for j in cut}) == 1:
+                cand, ids = passes[where[cut[0]][0]]
+                index = [where[j][1] for j in cut]
+                cand, ids = cand[index, :size], ids[index, :size]
+            else:  # rows of both passes (rare): pad each support with zeros
+                pad = torch.nn.utils.rnn.pad_sequence
+                cand = pad([passes[a][0][r, :n] for a, r, n in (where[j] for j in cut)], batch_first=True)
+                ids = pad([passes[a][1][r, :n] for a, r, n in (where[j] for j in cut)], batch_first=True)
+            order += cut
+            tokens.append(ids.gather(1, torch.multinomial(cand, 1, generator=gen)).squeeze(1))
+    out = torch.empty(rows, dtype=torch.long, device=logits.device)
+    out[order] = torch.cat(tokens)
+    return out
+
+
+def _filter(scaled: torch.Tensor, probs: torch.Tensor, ks: list[int], ps: list[float],
+            width: int) -> tuple[torch.Tensor, torch.Tensor, list[int], list[bool]]:  # fmt: skip
+    """Top-k, then top-p on the renormalised top-k probabilities, over the `width` most likely tokens of each row.
+    Returns the probabilities of those tokens, most likely first and zero where filtered out; their token ids; the
+    support sizes (the kept tokens are a prefix); and whether each row's support lies within the candidates (so that
+    more candidates would change nothing)."""
+    dev = scaled.device
+    whole_vocab = width >= scaled.shape[-1]
+    values, ids = scaled.sort(dim=-1, descending=True) if whole_vocab else scaled.topk(width, dim=-1)
+    cand = probs.gather(1, ids)
+    k = torch.tensor(ks, device=dev)[:, None]
+    p = torch.tensor(ps, device=dev)[:, None]
+    in_k = (values >= values.gather(1, (k - 1).clamp(min=0))) | (k == 0)
+    cand = cand * in_k
+    # the mass of the top-k set (the last cumulative sum: the same whatever follows the set, as zeros add nothing)
+    cand = torch.where(k > 0, cand / cand.cumsum(-1)[:, -1:], cand)
+    mass = cand.cumsum(-1)
+    keep = in_k & ((mass - cand <= p) | (p >= 1.0))  # a token goes when the mass before it exceeds p
+    cand = cand * keep
+    if whole_vocab:
+        whole = [True] * len(ks)
+    else:  # top-k: the last candidate is not tied with the k-th; top-p alone: the candidates' mass exceeds p
+        whole = torch.where(k[:, 0] > 0, ~in_k[:, -1], mass[:, -1] > p[:, 0]).tolist()
+    return cand, ids, keep.sum(-1).tolist(), whole
 
 
 def _find_stop(text: str, stops: list[str], floor: int = 0) -> int | None:

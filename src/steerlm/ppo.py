@@ -42,7 +42,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import get_cosine_schedule_with_warmup
+from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
 from steerlm import config as config_lib
 from steerlm import models, train
@@ -72,7 +72,10 @@ class PPOTrainArgs(TrainArgs):
     lr: float = 1e-5
     """Peak learning rate (full fine-tuning ~1e-5; LoRA ~1e-4)."""
     warmup_ratio: float = 0.0
-    """Fraction of the optimiser steps of linear warm-up before cosine decay."""
+    """Fraction of the optimiser steps of linear warm-up."""
+    schedule: Literal["constant", "cosine"] = "constant"
+    """Learning rate after warm-up: 'constant' (a short PPO run keeps learning to its last step) or 'cosine' decay
+    to zero."""
     batch_size: int = 8
     """Prompts (= rollouts) per PPO step."""
     max_length: int = 384
@@ -616,7 +619,11 @@ def main(cfg: Config, reward_fn: RewardFn | None = None) -> dict:
 
     params = [p for p in policy.parameters() if p.requires_grad] + list(value_head.parameters())
     optimizer = torch.optim.AdamW(params, lr=targs.lr, weight_decay=targs.weight_decay)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, int(targs.warmup_ratio * updates), updates)
+    warmup = int(targs.warmup_ratio * updates)
+    if targs.schedule == "cosine":
+        scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, updates)
+    else:
+        scheduler = get_constant_schedule_with_warmup(optimizer, warmup)
     kl_ctl = KLController(pargs.kl_coef, pargs.kl_target, pargs.kl_horizon, pargs.adaptive_kl)
 
     # 1. resume, or record the SFT model's answers before training

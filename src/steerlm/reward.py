@@ -258,8 +258,11 @@ def _turns(item: Any) -> list[Turn]:
 
 
 def load_rm(path: str | Path, *, device: torch.device | None = None) -> RewardScorer:
-    """Load a folder written by `steerlm train-rm`; a folder without steerlm_rm.json is a UserError."""
+    """Load a folder written by `steerlm train-rm` (the model is the folder itself; a `best/` inside it is accepted
+    too, as other stages lay out theirs); a folder without steerlm_rm.json is a UserError."""
     path = Path(path)
+    if not (path / META).exists() and (path / "best" / META).exists():
+        path = path / "best"
     meta = models.read_meta(path, META)
     for key in ("backbone", "pooling", "max_length"):
         if key not in meta:

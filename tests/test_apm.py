@@ -79,7 +79,7 @@ def test_regression_apm_trains_saves_and_reloads(data_dir, tmp_path, monkeypatch
     summary, model = _train(monkeypatch, _cfg(data_dir, out, model="tiny-encoder"))
     best = out / apm.BEST
     meta = json.loads((best / apm.META).read_text())
-    assert meta["kind"] == "regression" and meta["backbone"] == "encoder" and meta["pooling"] == "mean"
+    assert meta["kind"] == "regression" and meta["backbone"] == "encoder" and meta["pooling"] == "response"
     assert meta["max_length"] == 256 and set(meta["train_means"]) == set(meta["attributes"]["names"])
     assert (out / "metrics.jsonl").exists() and (out / "config.yaml").exists()
     assert not (out / train.CHECKPOINT).exists()  # a finished run keeps only the model
@@ -183,14 +183,17 @@ def test_masked_mse_ignores_missing_labels():
     assert apm.masked_mse(pred, target, present).item() == pytest.approx(0.02)
 
 
-def test_plain_text_is_truncated_from_the_left():
+def test_plain_text_is_truncated_from_the_left_and_the_response_is_pooled():
     _, tokenizer = models.tiny_encoder(0)
     turns = [Turn("User", "a long question " * 50), Turn("Assistant", "The answer is Paris.")]
     text = apm.plain_text(turns)
     assert text.startswith("User: a long") and text.endswith("\n\nAssistant: The answer is Paris.")
-    ids = apm._tokenize_texts(tokenizer, [text], 16)[0]
-    assert len(ids) == 16
-    assert tokenizer.decode(ids, skip_special_tokens=True).endswith("The answer is Paris.")
+    ids, masks = apm.regression_inputs([apm.Example("", turns)], "encoder", tokenizer, 16)
+    assert len(ids[0]) == len(masks[0]) == 16
+    assert tokenizer.decode(ids[0], skip_special_tokens=True).endswith("The answer is Paris.")
+    response = [t for t, m in zip(ids[0], masks[0], strict=True) if m]
+    assert tokenizer.decode(response).strip() == "The answer is Paris."
+    assert masks[0][-1] == 0  # [SEP]
 
 
 def test_read_examples_one_per_labelled_turn(data_dir):

@@ -82,8 +82,9 @@ class Config:
     """Backbone: a built-in (minilm-l6, tiny-encoder, smollm2-135m-instruct, tiny-lm), a folder or a hub id."""
     backbone: Literal["auto", "encoder", "causal"] = "auto"
     """Kind of backbone; 'auto' decides from the model (built-in name or the folder's config.json)."""
-    pooling: Literal["auto", "mean", "last"] = "auto"
-    """Regression read-out: 'mean' over tokens or the 'last' token; 'auto' = mean for encoders, last for causal LMs."""
+    pooling: Literal["auto", "mean", "response", "last"] = "auto"
+    """Regression read-out: 'mean' over all tokens, 'response' = mean over the scored response's tokens (the
+    conversation before it is context only), or the 'last' token; 'auto' = response for encoders, last for causal LMs."""
     template: Literal["nemo", "chat"] = "nemo"
     """Prompt template style of the generative APM (SPEC §3)."""
     max_examples: int = 0
@@ -290,12 +291,14 @@ class RegressionAPM(nn.Module):
         hidden = _unwrap(backbone).config.hidden_size
         self.head = nn.Linear(hidden, n_attributes)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                response_mask: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         # `base_model` is the bare transformer (itself for AutoModel backbones), so no vocabulary logits are built.
         trunk = _unwrap(self.backbone).base_model
         hidden = trunk(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state.float()
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        if self.pooling == "mean":
+        if self.pooling in ("mean", "response"):
+            use = response_mask if self.pooling == "response" and response_mask is not None else attention_mask
+            mask = use.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
         else:  # last real token (right padding)
             last = attention_mask.sum(1).long() - 1
@@ -308,36 +311,52 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, present: torch.Tensor) 
     return (((pred - target) ** 2) * present).sum() / present.sum().clamp(min=1.0)
 
 
-def _tokenize_texts(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
+def _tokenize_texts(tokenizer, texts: list[str], max_length: int, offsets: bool = False):
     # Left truncation keeps the response (the end of the text) and drops the oldest context.
     tokenizer.truncation_side = "left"
-    return tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+    enc = tokenizer(texts, truncation=True, max_length=max_length, return_offsets_mapping=offsets)
+    return (enc["input_ids"], enc["offset_mapping"]) if offsets else enc["input_ids"]
 
 
-def regression_texts(examples: Sequence[Example], backbone: str, tokenizer) -> list[str]:
-    """Input text of each example; a causal backbone is read at a final EOS so the read-out token is fixed."""
+def regression_inputs(examples: Sequence[Example], backbone: str, tokenizer, max_length: int):
+    """(token ids, response masks): each example's `plain_text` (a causal backbone gets a final EOS, so the
+    read-out token is fixed), truncated from the left, and a 0/1 mask of the tokens of the scored response (found
+    through the fast tokenizer's character offsets; every token when the tokenizer is not a fast one)."""
     eos = tokenizer.eos_token if backbone == "causal" and tokenizer.eos_token else ""
-    return [plain_text(e.turns) + eos for e in examples]
+    texts = [plain_text(e.turns) + eos for e in examples]
+    if not getattr(tokenizer, "is_fast", False):
+        ids = _tokenize_texts(tokenizer, texts, max_length)
+        return ids, [[1] * len(x) for x in ids]
+    ids, offsets = _tokenize_texts(tokenizer, texts, max_length, offsets=True)
+    masks = []
+    for e, text, spans in zip(examples, texts, offsets, strict=True):
+        start = len(text) - len(eos) - len(e.turns[-1].value)
+        # special tokens have empty (0, 0) spans and stay out; a token overlapping the response counts
+        masks.append([1 if end > start and end > begin else 0 for begin, end in spans])
+    return ids, masks
 
 
 def _regression_rows(examples, schema, backbone, tokenizer, max_length) -> list[dict]:
-    ids = _tokenize_texts(tokenizer, regression_texts(examples, backbone, tokenizer), max_length)
+    ids, masks = regression_inputs(examples, backbone, tokenizer, max_length)
     rows = []
-    for e, x in zip(examples, ids, strict=True):
+    for e, x, m in zip(examples, ids, masks, strict=True):
         target = [e.levels.get(n, 0) / schema.max_level for n in schema.names]
         present = [1.0 if n in e.levels else 0.0 for n in schema.names]
-        rows.append({"input_ids": x, "target": target, "present": present})
+        rows.append({"input_ids": x, "response_mask": m, "target": target, "present": present})
     return rows
 
 
 def _collate_regression(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     ids = [r["input_ids"] for r in rows]
-    return {
+    batch = {
         "input_ids": pad(ids, pad_id),
         "attention_mask": pad([[1] * len(x) for x in ids], 0),
-        "target": torch.tensor([r["target"] for r in rows], dtype=torch.float32),
-        "present": torch.tensor([r["present"] for r in rows], dtype=torch.float32),
+        "response_mask": pad([r["response_mask"] for r in rows], 0),
     }
+    if "target" in rows[0]:
+        batch["target"] = torch.tensor([r["target"] for r in rows], dtype=torch.float32)
+        batch["present"] = torch.tensor([r["present"] for r in rows], dtype=torch.float32)
+    return batch
 
 
 # ---------------------------------------------------------------- generative APM (TEXT_TO_VALUE, SPEC §3-§4)
@@ -449,15 +468,14 @@ class APM:
         bar.close()
 
     def _predict_regression(self, examples: list[Example], batch_size: int, progress: bool) -> list[dict]:
-        texts = regression_texts(examples, self.backbone, self.tokenizer)
-        ids = _tokenize_texts(self.tokenizer, texts, self.max_length)
+        ids, masks = regression_inputs(examples, self.backbone, self.tokenizer, self.max_length)
         out: list[dict] = [{}] * len(ids)
         top = self.schema.max_level
         for chunk in self._batches(ids, batch_size, progress):
-            rows = [ids[i] for i in chunk]
-            x = pad(rows, self.tokenizer.pad_token_id).to(self.device)
-            mask = pad([[1] * len(r) for r in rows], 0).to(self.device)
-            y = (self.model(x, mask) * top).clamp(0, top).cpu().tolist()
+            batch = _collate_regression([{"input_ids": ids[i], "response_mask": masks[i]} for i in chunk],
+                                        self.tokenizer.pad_token_id)  # fmt: skip
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            y = (self.model(**batch) * top).clamp(0, top).cpu().tolist()
             for i, row in zip(chunk, y, strict=True):
                 out[i] = {n: float(v) for n, v in zip(self.schema.names, row, strict=True)}
         return out
@@ -588,7 +606,7 @@ def main(cfg: Config) -> dict:
         raise UserError(f"a generative APM needs a causal LM; {cfg.model!r} is an encoder", field="model")
     if backbone == "encoder" and cfg.train.lora.enabled:
         raise UserError("LoRA is offered for causal LM backbones; fine-tune an encoder fully (lora.r=0)", field="train.lora.r")  # fmt: skip
-    pooling = cfg.pooling if cfg.pooling != "auto" else ("mean" if backbone == "encoder" else "last")
+    pooling = cfg.pooling if cfg.pooling != "auto" else ("response" if backbone == "encoder" else "last")
 
     # 1. examples: one per labelled assistant turn, deduplicated across the paths of a tree
     train_file, val_file = data_files(cfg.data, cfg.kind)
@@ -632,7 +650,8 @@ def main(cfg: Config) -> dict:
             return _collate_regression(rows, tokenizer.pad_token_id)
 
         def loss_fn(m, batch):
-            return masked_mse(m(batch["input_ids"], batch["attention_mask"]), batch["target"], batch["present"]), {}
+            pred = m(batch["input_ids"], batch["attention_mask"], batch["response_mask"])
+            return masked_mse(pred, batch["target"], batch["present"]), {}
     else:
         model, tokenizer = models.load_causal_lm(cfg.model, device=torch.device("cpu"))
         model = models.apply_lora(model, cfg.train.lora)

@@ -563,3 +563,20 @@ def read_meta(folder: str | Path, meta_name: str) -> dict:
     if not isinstance(value, dict):
         raise UserError("expected a JSON object", file=str(path))
     return value
+
+
+def publish_into(staging: str | Path, out: str | Path, meta_name: str) -> None:
+    """Move a model saved in `staging` into the existing folder `out` file by file, its meta JSON last and removed
+    first: a folder holding `meta_name` is always a complete model, while other files of `out` (checkpoint/,
+    metrics.jsonl, config.yaml) stay beside it."""
+    staging, out = Path(staging), Path(out)
+    (out / meta_name).unlink(missing_ok=True)
+    for item in staging.iterdir():
+        if item.name == meta_name:
+            continue
+        dest = out / item.name
+        if dest.is_dir():
+            shutil.rmtree(dest)
+        os.replace(item, dest)
+    os.replace(staging / meta_name, out / meta_name)
+    shutil.rmtree(staging, ignore_errors=True)

@@ -551,20 +551,6 @@ def _prepare_out(cfg: Config) -> bool:
     return False
 
 
-def _publish(staging: Path, out: Path) -> None:
-    """Move the saved policy into `out` file by file, steerlm_model.json last (a folder with it is complete)."""
-    (out / META).unlink(missing_ok=True)
-    for item in staging.iterdir():
-        if item.name == META:
-            continue
-        dest = out / item.name
-        if dest.is_dir():
-            shutil.rmtree(dest)
-        os.replace(item, dest)
-    os.replace(staging / META, out / META)
-    shutil.rmtree(staging, ignore_errors=True)
-
-
 # ---------------------------------------------------------------- the loop
 
 
@@ -743,7 +729,7 @@ def main(cfg: Config, reward_fn: RewardFn | None = None) -> dict:
                 "base_model": cfg.policy, "lora": False, "rlhf": "ppo"}  # fmt: skip
     models.save_model(final, tokenizer, staging, META, out_meta)
     torch.save(value_head.state_dict(), staging / "value_head.pt")
-    _publish(staging, out)
+    models.publish_into(staging, out, META)
     shutil.rmtree(out / train.CHECKPOINT, ignore_errors=True)
 
     def mean(xs):

@@ -19,7 +19,6 @@ The output folder is a model folder (`save_pretrained` backbone + tokenizer, `re
 from __future__ import annotations
 
 import math
-import os
 import random
 import shutil
 import time
@@ -383,21 +382,6 @@ def _prepare_out(cfg: Config) -> bool:
     return False
 
 
-def _publish(staging: Path, out: Path) -> None:
-    """Move a saved model into `out` file by file, the meta file last: a folder with steerlm_rm.json is always a
-    complete model (checkpoint/ and metrics.jsonl stay beside it)."""
-    (out / META).unlink(missing_ok=True)
-    for item in staging.iterdir():
-        if item.name == META:
-            continue
-        dest = out / item.name
-        if dest.is_dir():
-            shutil.rmtree(dest)
-        os.replace(item, dest)
-    os.replace(staging / META, out / META)
-    shutil.rmtree(staging, ignore_errors=True)
-
-
 def main(cfg: Config) -> dict:
     start = time.time()
     out = Path(cfg.out)
@@ -453,7 +437,7 @@ def main(cfg: Config) -> dict:
         shutil.rmtree(staging, ignore_errors=True)
         models.save_model(m.backbone, tokenizer, staging, META, {**meta, "step_metrics": metrics})
         save_file({k: v.detach().cpu().contiguous() for k, v in m.head.state_dict().items()}, str(staging / HEAD))
-        _publish(staging, out)
+        models.publish_into(staging, out, META)
 
     out.mkdir(parents=True, exist_ok=True)
     config_lib.save(cfg, out)

@@ -291,13 +291,18 @@ class Engine:
         for i in mains:
             row = rows[i]
             if row.cancelled:
-                self.stats.rows_cancelled += 1
                 continue
             if row.first_token_at is None:
                 row.first_token_at = now
                 self.stats.ttft.append(now - row.enqueued_at)
             self._advance(row, int(next_ids[i]))
-        keep = [i for i, r in enumerate(rows) if r.active]
+        # One snapshot decides who leaves: a client may cancel from another thread at any moment, and a row that
+        # leaves unfinished because of it is counted exactly once, here.
+        active = [r.active for r in rows]
+        self.stats.rows_cancelled += sum(
+            1 for r, a in zip(rows, active, strict=True) if r.main is None and not a and r.finish_reason is None
+        )
+        keep = [i for i, a in enumerate(active) if a]
         if not keep:
             return None
         if len(keep) < len(rows):

@@ -79,8 +79,8 @@ def test_regression_apm_trains_saves_and_reloads(data_dir, tmp_path, monkeypatch
     summary, model = _train(monkeypatch, _cfg(data_dir, out, model="tiny-encoder"))
     best = out / apm.BEST
     meta = json.loads((best / apm.META).read_text())
-    assert meta["kind"] == "regression" and meta["backbone"] == "encoder" and meta["pooling"] == "response"
-    assert meta["max_length"] == 256 and set(meta["train_means"]) == set(meta["attributes"]["names"])
+    assert meta["kind"] == "regression" and meta["backbone"] == "encoder" and meta["pooling"] == "mean"
+    assert meta["max_length"] == 512 and set(meta["train_means"]) == set(meta["attributes"]["names"])
     assert (out / "metrics.jsonl").exists() and (out / "config.yaml").exists()
     assert not (out / train.CHECKPOINT).exists()  # a finished run keeps only the model
     assert summary["val_metrics"]["quality"]["n"] > 0
@@ -150,10 +150,12 @@ def test_generative_apm_trains_saves_and_reloads(data_dir, tmp_path, monkeypatch
 def test_train_apm_cli_with_builtin_tiny_model(data_dir, tmp_path, capsys):
     out = tmp_path / "apm"
     argv = ["train-apm", f"--data={data_dir}", f"--out={out}", "--model=tiny-encoder", "--train.max_steps=2",
-            "--train.batch_size=4", "--attributes=quality,helpfulness"]  # fmt: skip
+            "--train.batch_size=4", "--attributes=quality,helpfulness", "--pooling=response"]  # fmt: skip
     assert cli.run(argv) == 0
     assert "train-apm: 2 steps" in capsys.readouterr().out
-    assert apm.load_apm(out).schema.names == ("quality", "helpfulness")
+    loaded = apm.load_apm(out)
+    assert loaded.schema.names == ("quality", "helpfulness") and loaded.meta["pooling"] == "response"
+    _assert_in_range(loaded.predict(read_records(data_dir / "val.jsonl")), 8, loaded.schema)
     # an existing output needs --overwrite or --resume
     assert cli.run(argv) == 2
     assert "--overwrite" in capsys.readouterr().err

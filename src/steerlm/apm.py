@@ -641,8 +641,8 @@ def main(cfg: Config) -> dict:
         base = models.apply_lora(base, cfg.train.lora)
         torch.manual_seed(cfg.train.seed)
         model = RegressionAPM(base, len(schema.names), pooling)
-        # Start exactly at the predict-the-mean baseline: zero weights, bias at the training means. (Random weights
-        # would add ~2 levels of noise to the first predictions, which the backbone then has to learn away.)
+        # Start exactly at the predict-the-mean baseline: zero weights, bias at the training means (random weights
+        # would start from noisy predictions that the backbone first has to learn away).
         nn.init.zeros_(model.head.weight)
         with torch.no_grad():
             model.head.bias.copy_(torch.tensor([means[n] / schema.max_level for n in schema.names]))

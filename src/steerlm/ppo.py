@@ -530,27 +530,6 @@ def find_checkpoint(out: Path) -> Path | None:
     return None
 
 
-def _prepare_out(cfg: Config) -> bool:
-    """Check the output folder; True when a finished policy is already there and `resume` was asked."""
-    out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise UserError("exists and is not a folder", file=str(out))
-    if not out.exists() or not any(out.iterdir()):
-        return False
-    if cfg.resume:
-        if find_checkpoint(out) is not None:
-            return False
-        if (out / META).exists():
-            return True
-        raise UserError("nothing to resume: no checkpoint in this folder", file=str(out))
-    if not cfg.overwrite:
-        raise UserError("output folder exists; pass --overwrite to replace it or --resume to continue", file=str(out))
-    if not any((out / n).exists() for n in (META, "config.yaml", train.CHECKPOINT, train.METRICS)):
-        raise UserError("refusing to overwrite a folder that is not a PPO output", file=str(out))
-    shutil.rmtree(out)
-    return False
-
-
 # ---------------------------------------------------------------- the loop
 
 
@@ -558,7 +537,14 @@ def main(cfg: Config, reward_fn: RewardFn | None = None) -> dict:
     """Run PPO; `reward_fn` (for tests and scripts) replaces the configured reward source."""
     start = time.time()
     out = Path(cfg.out)
-    if _prepare_out(cfg):
+    if train.prepare_output(
+        cfg.out,
+        resume=cfg.resume,
+        overwrite=cfg.overwrite,
+        meta_name=META,
+        what="PPO",
+        has_checkpoint=lambda o: find_checkpoint(o) is not None,
+    ):
         print(f"ppo: {out} is already complete (nothing to resume)")
         return json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
     dev = models.device()

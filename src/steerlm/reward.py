@@ -361,31 +361,10 @@ def length_baseline(comps: list[Comparisons]) -> float | None:
     return sum(a > b for a, b in pairs) / len(pairs) if pairs else None
 
 
-def _prepare_out(cfg: Config) -> bool:
-    """Check the output folder; True when a finished model is already there and `resume` was asked."""
-    out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise UserError("exists and is not a folder", file=str(out))
-    if not out.exists() or not any(out.iterdir()):
-        return False
-    if cfg.resume:
-        if train.has_checkpoint(out):
-            return False
-        if (out / META).exists():
-            return True
-        raise UserError("nothing to resume: no checkpoint in this folder", file=str(out))
-    if not cfg.overwrite:
-        raise UserError("output folder exists; pass --overwrite to replace it or --resume to continue", file=str(out))
-    if not any((out / n).exists() for n in (META, "config.yaml", train.CHECKPOINT, train.METRICS)):
-        raise UserError("refusing to overwrite a folder that is not a reward-model output", file=str(out))
-    shutil.rmtree(out)
-    return False
-
-
 def main(cfg: Config) -> dict:
     start = time.time()
     out = Path(cfg.out)
-    if _prepare_out(cfg):
+    if train.prepare_output(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, meta_name=META, what="reward-model"):
         print(f"train-rm: {out} is already complete (nothing to resume)")
         return {}
     backbone = cfg.backbone if cfg.backbone != "auto" else backbone_kind(cfg.model)

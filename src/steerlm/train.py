@@ -263,3 +263,29 @@ def fit(
     summary = {"steps": state["step"], "epochs": round(state["step"] / steps_per_epoch, 2), "best": state["best"], "best_step": state["best_step"],
                "seconds": round(time.time() - start, 1), **{f"last_{k}": v for k, v in last_eval.items()}}  # fmt: skip
     return summary
+
+
+def prepare_output(out: str | Path, *, resume: bool, overwrite: bool, meta_name: str, what: str,
+                   has_checkpoint: Callable[[Path], bool] = has_checkpoint) -> bool:  # fmt: skip
+    """Check a training stage's output folder before it starts; True when a finished model is already there and
+    `resume` was asked (nothing left to do). An existing folder needs `resume` or `overwrite`, and `overwrite` only
+    removes a folder that this kind of stage wrote (`what` names it in the error)."""
+    from steerlm.errors import UserError
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError("exists and is not a folder", file=str(out))
+    if not out.exists() or not any(out.iterdir()):
+        return False
+    if resume:
+        if has_checkpoint(out):
+            return False
+        if (out / meta_name).exists():
+            return True
+        raise UserError("nothing to resume: no checkpoint in this folder", file=str(out))
+    if not overwrite:
+        raise UserError("output folder exists; pass --overwrite to replace it or --resume to continue", file=str(out))
+    if not any((out / n).exists() for n in (meta_name, "config.yaml", CHECKPOINT, METRICS)):
+        raise UserError(f"refusing to overwrite a folder that is not a {what} output", file=str(out))
+    shutil.rmtree(out)
+    return False

@@ -29,3 +29,15 @@ def oasst_file(shared_data) -> Path:
 @pytest.fixture
 def hh_file(shared_data) -> Path:
     return shared_data / "hh-rlhf" / "harmless-base-dev.jsonl.gz"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from several threads, and on a shared CPU thread contention makes them crawl
+    (two threads per op measured up to 20x slower). Modules opt in with `pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -11,7 +11,6 @@ import sys
 import time
 
 import pytest
-import torch
 
 from steerlm import annotate, apm, cli
 from steerlm import config as config_lib
@@ -23,13 +22,7 @@ from steerlm.errors import UserError
 SCHEMA = AttributeSchema()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from several threads, and on a shared CPU thread contention makes them crawl."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

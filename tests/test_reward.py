@@ -14,14 +14,7 @@ from steerlm.data import hh, preferences
 from steerlm.data.records import ASSISTANT, USER, Record, Turn, write_records
 from steerlm.losses import pairwise_loss
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; on a shared CPU, two threads per op can be 20x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)

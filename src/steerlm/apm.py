@@ -555,27 +555,6 @@ def load_apm(path: str | Path, *, device: torch.device | None = None) -> APM:
 # ---------------------------------------------------------------- training
 
 
-def _prepare_out(cfg: Config) -> bool:
-    """Check the output folder; returns True when a finished model is already there and `resume` was asked."""
-    out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise UserError("exists and is not a folder", file=str(out))
-    if not out.exists() or not any(out.iterdir()):
-        return False
-    if cfg.resume:
-        if train.has_checkpoint(out):
-            return False
-        if (out / BEST / META).exists():
-            return True
-        raise UserError("nothing to resume: no checkpoint in this folder", file=str(out))
-    if not cfg.overwrite:
-        raise UserError("output folder exists; pass --overwrite to replace it or --resume to continue", file=str(out))
-    if not any((out / n).exists() for n in (BEST, "config.yaml", train.CHECKPOINT, train.METRICS)):
-        raise UserError("refusing to overwrite a folder that is not a train-apm output", file=str(out))
-    shutil.rmtree(out)
-    return False
-
-
 def _publish(staging: Path, best: Path) -> None:
     """Replace `best` with the complete folder `staging` (a folder cannot be renamed over a non-empty one, so the
     old one is moved aside first and dropped after)."""
@@ -599,7 +578,14 @@ def _means(examples: list[Example], schema: AttributeSchema) -> dict[str, float]
 def main(cfg: Config) -> dict:
     start = time.time()
     out = Path(cfg.out)
-    if _prepare_out(cfg):
+    if train.prepare_output(
+        cfg.out,
+        resume=cfg.resume,
+        overwrite=cfg.overwrite,
+        meta_name=f"{BEST}/{META}",
+        what="train-apm",
+        owned=(BEST,),
+    ):
         print(f"train-apm: {out} is already complete (nothing to resume)")
         return {}
     levels = cfg.levels or data_levels(cfg.data) or 10

@@ -266,10 +266,11 @@ def fit(
 
 
 def prepare_output(out: str | Path, *, resume: bool, overwrite: bool, meta_name: str, what: str,
-                   has_checkpoint: Callable[[Path], bool] = has_checkpoint) -> bool:  # fmt: skip
+                   has_checkpoint: Callable[[Path], bool] = has_checkpoint, owned: tuple[str, ...] = ()) -> bool:  # fmt: skip
     """Check a training stage's output folder before it starts; True when a finished model is already there and
     `resume` was asked (nothing left to do). An existing folder needs `resume` or `overwrite`, and `overwrite` only
-    removes a folder that this kind of stage wrote (`what` names it in the error)."""
+    removes a folder that this kind of stage wrote (`what` names it in the error). `meta_name` is the path, relative
+    to `out`, of the file that marks a finished model; `owned` lists other names that only such a stage writes."""
     from steerlm.errors import UserError
 
     out = Path(out)
@@ -285,7 +286,7 @@ def prepare_output(out: str | Path, *, resume: bool, overwrite: bool, meta_name:
         raise UserError("nothing to resume: no checkpoint in this folder", file=str(out))
     if not overwrite:
         raise UserError("output folder exists; pass --overwrite to replace it or --resume to continue", file=str(out))
-    if not any((out / n).exists() for n in (meta_name, "config.yaml", CHECKPOINT, METRICS)):
+    if not any((out / n).exists() for n in (meta_name, *owned, "config.yaml", CHECKPOINT, METRICS)):
         raise UserError(f"refusing to overwrite a folder that is not a {what} output", file=str(out))
     shutil.rmtree(out)
     return False

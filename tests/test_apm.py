@@ -118,6 +118,28 @@ def test_causal_regression_apm_reads_last_token(data_dir, tmp_path, monkeypatch)
     assert preds[0] == preds[1]
 
 
+def test_length_feature_and_head_lr(data_dir, tmp_path, monkeypatch):
+    out = tmp_path / "apm"
+    train_args = apm.APMTrainArgs(max_steps=3, batch_size=4, lr=1e-9, head_lr=1e-2, log_every=1, warmup_ratio=0.0)
+    cfg = config_lib.build(apm.Config, {"data": str(data_dir), "out": str(out), "train": train_args,
+                                        "model": "tiny-encoder", "length_feature": True})  # fmt: skip
+    _, model = _train(monkeypatch, cfg)
+    head = load_file(str(out / apm.BEST / apm.HEAD))
+    hidden = models.tiny_encoder(0)[0].config.hidden_size
+    assert head["weight"].shape[1] == hidden + 1  # the length input
+    # the head moved at head_lr (from zero weights) while the backbone, at lr 1e-9, barely did
+    assert head["weight"].abs().max() > 1e-3 and head["weight"][:, -1].abs().max() > 1e-3
+    initial = dict(models.tiny_encoder(0)[0].named_parameters())
+    for name, p in model.backbone.named_parameters():
+        assert torch.allclose(p.detach().cpu(), initial[name], atol=1e-6), name
+    loaded = apm.load_apm(out)
+    assert loaded.meta["length_feature"] is True
+    short, long = loaded.predict([("Explain tides.", "Gravity."), ("Explain tides.", "Gravity. " * 60)])
+    assert len(short) == len(long) == len(loaded.schema.names)
+    with pytest.raises(UserError, match="length_feature"):
+        config_lib.build(apm.Config, {"data": "d", "kind": "generative", "length_feature": True})
+
+
 def test_generative_apm_trains_saves_and_reloads(data_dir, tmp_path, monkeypatch):
     out = tmp_path / "apm"
     summary, model = _train(monkeypatch, _cfg(data_dir, out, model="tiny-lm", kind="generative"))

@@ -46,6 +46,17 @@ def test_yaml_plus_dotted_overrides(tmp_path):
     assert C.load(Outer, config=str(saved)) == cfg
 
 
+@dataclasses.dataclass
+class Tuned:
+    data: Inner = dataclasses.field(default_factory=lambda: Inner(levels=5, names=["humor"]))
+    """A section whose default differs from Inner's own."""
+
+
+def test_partial_section_keeps_the_fields_own_default():
+    assert C.load(Tuned, overrides={"data.levels": 3}).data == Inner(levels=3, names=["humor"])
+    assert C.load(Tuned, overrides={}).data == Inner(levels=5, names=["humor"])
+
+
 @pytest.mark.parametrize(
     "overrides,needle",
     [

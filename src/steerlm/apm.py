@@ -88,6 +88,9 @@ class Config:
     pooling: Literal["auto", "mean", "response", "last"] = "auto"
     """Regression read-out: 'mean' over all tokens, 'response' = mean over the scored response's tokens (the
     conversation before it is context only), or the 'last' token; 'auto' = mean for encoders, last for causal LMs."""
+    length_feature: bool = False
+    """Regression: also feed the head the scored response's log token count. Mean pooling averages length away,
+    and length is the strongest single cue of OASST quality (docs/apm.md); wants `train.head_lr`."""
     template: Literal["nemo", "chat"] = "nemo"
     """Prompt template style of the generative APM (SPEC §3)."""
     max_examples: int = 0
@@ -109,6 +112,8 @@ class Config:
             raise ValueError(f"max_examples must be >= 0, not {self.max_examples}")
         if self.overwrite and self.resume:
             raise ValueError("choose one of overwrite and resume")
+        if self.kind == "generative" and self.length_feature:
+            raise ValueError("length_feature is a regression APM input; a generative APM reads the text")
         if self.kind == "generative" and self.backbone == "encoder":
             raise ValueError("a generative APM needs a causal LM backbone, not an encoder")
 
@@ -288,11 +293,11 @@ def freeze_unused(backbone: nn.Module) -> None:
 class RegressionAPM(nn.Module):
     """Backbone + one linear output per attribute; outputs are levels divided by L-1 (targets normalised)."""
 
-    def __init__(self, backbone: nn.Module, n_attributes: int, pooling: str):
+    def __init__(self, backbone: nn.Module, n_attributes: int, pooling: str, length_feature: bool = False):
         super().__init__()
-        self.backbone, self.pooling = backbone, pooling
+        self.backbone, self.pooling, self.length_feature = backbone, pooling, length_feature
         hidden = _unwrap(backbone).config.hidden_size
-        self.head = nn.Linear(hidden, n_attributes)
+        self.head = nn.Linear(hidden + int(length_feature), n_attributes)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 response_mask: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
@@ -306,6 +311,10 @@ class RegressionAPM(nn.Module):
         else:  # last real token (right padding)
             last = attention_mask.sum(1).long() - 1
             pooled = hidden[torch.arange(hidden.size(0), device=hidden.device), last]
+        if self.length_feature:
+            # log(1 + response tokens), centred on ~100 tokens so the zero-initialised weight starts neutral
+            n = (response_mask if response_mask is not None else attention_mask).sum(1, keepdim=True).float()
+            pooled = torch.cat([pooled, torch.log1p(n) - 4.6], dim=-1)
         return self.head(pooled)
 
 
@@ -538,7 +547,9 @@ def load_apm(path: str | Path, *, device: torch.device | None = None) -> APM:
     if meta["kind"] == "regression":
         backbone, tokenizer = models.load_encoder(str(path), device=dev)
         schema = AttributeSchema.from_dict(meta["attributes"])
-        model = RegressionAPM(backbone, len(schema.names), meta.get("pooling") or "mean")
+        model = RegressionAPM(
+            backbone, len(schema.names), meta.get("pooling") or "mean", bool(meta.get("length_feature"))
+        )
         head_file = path / (meta.get("head") or HEAD)
         if not head_file.exists():
             raise UserError(f"missing the regression head {head_file.name}", file=str(path))
@@ -626,7 +637,7 @@ def main(cfg: Config) -> dict:
         freeze_unused(base)
         base = models.apply_lora(base, cfg.train.lora)
         torch.manual_seed(cfg.train.seed)
-        model = RegressionAPM(base, len(schema.names), pooling)
+        model = RegressionAPM(base, len(schema.names), pooling, cfg.length_feature)
         # Start exactly at the predict-the-mean baseline: zero weights, bias at the training means (random weights
         # would start from noisy predictions that the backbone first has to learn away).
         nn.init.zeros_(model.head.weight)
@@ -664,6 +675,7 @@ def main(cfg: Config) -> dict:
         "backbone": backbone, "pooling": pooling if cfg.kind == "regression" else None, "max_length": max_length,
         "base_model": cfg.model, "lora": cfg.train.lora.enabled, "text_format": TEXT_FORMAT,
         "head": HEAD if cfg.kind == "regression" else None, "train_means": means,
+        "length_feature": cfg.length_feature and cfg.kind == "regression",
         "train_examples": len(train_rows), "val_examples": len(val_rows),
     }  # fmt: skip
 

@@ -53,6 +53,9 @@ class TrainArgs:
     """Stop after this many optimiser steps if > 0 (overrides epochs)."""
     lr: float = 5e-6
     """Peak learning rate (SteerLM paper: 5e-6 for full fine-tuning; LoRA wants ~1e-4 to 5e-4)."""
+    head_lr: float = 0.0
+    """Peak learning rate of a new output head (the APM's and reward model's `head`); 0: `lr`. A zero-initialised
+    head learns slowly at a pretrained backbone's small lr."""
     weight_decay: float = 0.01
     """AdamW weight decay (SteerLM paper: 1e-2)."""
     warmup_ratio: float = 0.03
@@ -84,6 +87,8 @@ class TrainArgs:
                 raise ValueError(f"{name} must be >= 1, not {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, not {self.lr}")
+        if self.head_lr < 0:
+            raise ValueError(f"head_lr must be >= 0, not {self.head_lr}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), not {self.warmup_ratio}")
 
@@ -175,6 +180,15 @@ def build(cls, values: dict, prefix: str = ""):
         norm = key.replace("-", "_")
         if norm not in fields:
             raise UserError(f"unknown setting; {cls.__name__} has: {', '.join(fields)}", field=prefix + key)
+        default_factory = fields[norm].default_factory
+        if (
+            isinstance(value, dict)
+            and dataclasses.is_dataclass(hints[norm])
+            and default_factory is not dataclasses.MISSING
+        ):
+            # A section given in part keeps the rest of the field's own default (e.g. a stage's tuned TrainArgs),
+            # not the section class's bare defaults.
+            value = _merge(to_dict(default_factory()), value)
         kwargs[norm] = _coerce(value, hints[norm], prefix + norm)
     missing = [
         n for n, f in fields.items()
@@ -262,12 +276,15 @@ def load(cls, *, config: str | None = None, preset: str | None = None, command: 
     return build(cls, values)
 
 
-def _merge(base: dict, new: dict) -> None:
+def _merge(base: dict, new: dict) -> dict:
+    """`base` updated in place with `new`, nested mappings merged key by key (`a-b` updates an existing `a_b`)."""
     for k, v in new.items():
+        k = k.replace("-", "_") if k.replace("-", "_") in base else k
         if isinstance(v, dict) and isinstance(base.get(k), dict):
             _merge(base[k], v)
         else:
             base[k] = v
+    return base
 
 
 def save(cfg, folder: str | Path, name: str = "config.yaml") -> Path:

@@ -75,13 +75,17 @@ def batch_plan(n: int, batch_size: int, seed: int, epoch: int, groups: list | No
 
 
 def make_optimizer(model: torch.nn.Module, args: TrainArgs) -> torch.optim.Optimizer:
-    """AdamW over trainable parameters; no weight decay on biases and norms (standard for transformers)."""
-    decay, no_decay = [], []
+    """AdamW over trainable parameters; no weight decay on biases and norms (standard for transformers); a top-level
+    `head` module (a new regression or reward output) at `args.head_lr` when that is set."""
+    groups: dict[tuple[float, float], list] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr)
+            decay = 0.0 if p.ndim < 2 or "norm" in name.lower() else args.weight_decay
+            lr = args.head_lr if args.head_lr > 0 and name.startswith("head.") else args.lr
+            groups.setdefault((lr, decay), []).append(p)
+    return torch.optim.AdamW(
+        [{"params": ps, "lr": lr, "weight_decay": decay} for (lr, decay), ps in groups.items()], lr=args.lr
+    )
 
 
 def count_steps(n_batches: int, args: TrainArgs, num_processes: int = 1) -> tuple[int, int]:

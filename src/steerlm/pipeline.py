@@ -1,6 +1,6 @@
 """The whole SteerLM recipe from one YAML file: prepare -> train-apm -> annotate -> sft -> bootstrap -> check.
 
-    steerlm pipeline --preset quickstart            # SmolLM2-135M-Instruct + LoRA, MiniLM APM, OASST (~30 min CPU)
+    steerlm pipeline --preset quickstart            # SmolLM2-135M-Instruct + LoRA, MiniLM APM, OASST (~25 min CPU)
     steerlm pipeline --preset tiny --out=runs/tiny  # tiny random models: the whole chain in seconds
 
 Each stage writes into its own folder under `out` and is skipped on a re-run when its config and inputs are

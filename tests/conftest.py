@@ -41,3 +41,22 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def oasst_split():
+    """The real OASST slice as records (default attribute schema), split by tree: (train, val), 20% of trees held
+    out, seed 0. Tests take slices; they must not modify the records."""
+    source = SHARED_DATA / "oasst1" / "oasst1-en-dev.jsonl"
+    if not source.exists():
+        pytest.skip(f"real data {source} is absent")
+    from steerlm.attributes import AttributeSchema
+    from steerlm.data import oasst
+
+    return oasst.split_by_tree(oasst.load_records(source, AttributeSchema()), 0.2, seed=0)
+
+
+@pytest.fixture
+def private_cache(tmp_path_factory, monkeypatch):
+    """Built-in tiny models go to a cache shared by the session's tests instead of the user's ~/.cache/steerlm."""
+    monkeypatch.setenv("STEERLM_CACHE", str(tmp_path_factory.getbasetemp() / "steerlm-cache"))

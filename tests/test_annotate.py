@@ -15,7 +15,6 @@ import pytest
 from steerlm import annotate, apm, cli
 from steerlm import config as config_lib
 from steerlm.attributes import AttributeSchema
-from steerlm.data import oasst
 from steerlm.data.records import Record, Turn, read_records, write_records
 from steerlm.errors import UserError
 
@@ -26,15 +25,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory):
+def work(tmp_path_factory, oasst_split):
     """Real OASST records (train/val split by tree) and a tiny regression APM trained on 20 of them for 2 steps."""
-    from conftest import SHARED_DATA
-
-    source = SHARED_DATA / "oasst1" / "oasst1-en-dev.jsonl"
-    if not source.exists():
-        pytest.skip(f"real data {source} is absent")
     folder = tmp_path_factory.mktemp("annotate")
-    train_r, val_r = oasst.split_by_tree(oasst.load_records(source, SCHEMA), 0.2, seed=0)
+    train_r, val_r = oasst_split
     write_records(folder / "train.jsonl", train_r[:20])
     write_records(folder / "val.jsonl", val_r[:8])
     write_records(folder / "all.jsonl", train_r[:60])

@@ -13,7 +13,6 @@ from safetensors.torch import load_file
 from steerlm import apm, apm_eval, cli, metrics, models, train
 from steerlm import config as config_lib
 from steerlm.attributes import AttributeSchema
-from steerlm.data import oasst
 from steerlm.data.records import Record, Turn, read_records, write_records
 from steerlm.errors import UserError
 
@@ -24,15 +23,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
+def data_dir(tmp_path_factory, oasst_split):
     """~20 training and ~8 validation records from the real OASST slice, split by tree, as `prepare` writes them."""
-    from conftest import SHARED_DATA
-
-    source = SHARED_DATA / "oasst1" / "oasst1-en-dev.jsonl"
-    if not source.exists():
-        pytest.skip(f"real data {source} is absent")
-    records = oasst.load_records(source, SCHEMA)
-    train_r, val_r = oasst.split_by_tree(records, 0.2, seed=0)
+    train_r, val_r = oasst_split
     folder = tmp_path_factory.mktemp("data")
     write_records(folder / "train.jsonl", train_r[:20])
     write_records(folder / "val.jsonl", val_r[:8])

@@ -12,12 +12,7 @@ import torch
 from steerlm import cli, config, ppo
 from steerlm.generate import Generator
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(autouse=True)
-def cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("STEERLM_CACHE", str(tmp_path_factory.getbasetemp() / "steerlm-cache"))
+pytestmark = pytest.mark.usefixtures("one_thread", "private_cache")
 
 
 PROMPTS = ["What is the capital of France?", "Tell me a joke.", "How do I sort a list in Python?",
@@ -110,11 +105,13 @@ def test_adaptive_kl_controller():
 
 
 def test_ppo_raises_a_scripted_reward_with_finite_kl(tmp_path):
-    cfg = make_cfg(tmp_path, "ppo", samples=2, **{"train.max_steps": 6})
+    # On-policy rollouts (top_p 1): at lr 1e-3 x 20 steps the reward rose from ~0.3 to ~1.75 for each of 5 seeds
+    # tried; 6 steps at 3e-3 were seed-dependent (the tiny policy collapses either way).
+    cfg = make_cfg(tmp_path, "ppo", samples=2, **{"train.max_steps": 20, "train.lr": 1e-3})
     summary = ppo.main(cfg, reward_fn=newlines)
     out = tmp_path / "ppo"
     log = rows(out)
-    assert [r["step"] for r in log] == list(range(1, 7))
+    assert [r["step"] for r in log] == list(range(1, 21))
     for key in ("reward", "kl", "entropy", "clip_frac", "value_loss", "policy_loss", "response_length", "kl_coef"):
         assert all(key in r for r in log)
     assert log[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # the first rollouts come from π = π_SFT

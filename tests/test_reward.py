@@ -14,13 +14,7 @@ from steerlm.data import hh, preferences
 from steerlm.data.records import ASSISTANT, USER, Record, Turn, write_records
 from steerlm.losses import pairwise_loss
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(autouse=True)
-def cache(tmp_path_factory, monkeypatch):
-    """Built-in tiny models go to a private cache shared by this module's tests."""
-    monkeypatch.setenv("STEERLM_CACHE", str(tmp_path_factory.getbasetemp() / "steerlm-cache"))
+pytestmark = pytest.mark.usefixtures("one_thread", "private_cache")
 
 
 def user(text, mid):

@@ -184,7 +184,7 @@ def build(cls, values: dict, prefix: str = ""):
         if (
             isinstance(value, dict)
             and dataclasses.is_dataclass(hints[norm])
-            and default_factory is not dataclasses.MISSING
+            and default_factory not in (dataclasses.MISSING, hints[norm])  # the class itself: its defaults anyway
         ):
             # A section given in part keeps the rest of the field's own default (e.g. a stage's tuned TrainArgs),
             # not the section class's bare defaults.

@@ -197,7 +197,7 @@ def test_chat_through_piped_stdin(lm, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "steerlm.cli", "chat", f"--model={model}", "--greedy",
                            "--max_new_tokens=24"], input=script.encode(), capture_output=True, env=env,
-                          timeout=120)  # fmt: skip
+                          timeout=600)  # fmt: skip
     stdout, stderr = done.stdout.decode(), done.stderr.decode()  # bytes: answers may hold any character
     assert done.returncode == 0, stderr
     assert stdout.startswith(

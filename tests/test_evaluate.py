@@ -308,6 +308,22 @@ def test_a_model_that_ignores_or_inverts_the_request(tmp_path):
         ctl["measured_mean"] == [2.0, 2.0, 2.0, 2.0] and ctl["spearman"] is None and ctl["slope"] == pytest.approx(0)
     )
     assert any("`control` has no attribute conditioning" in n for n in results["notes"])
+    assert not any("spread by only" in n for n in results["notes"])  # the control has its own note
+
+
+def test_an_apm_that_cannot_tell_answers_apart_is_reported(tmp_path):
+    class ConstantAPM(CountingAPM):
+        def predict(self, records, batch_size=32):
+            return [{a: 4.0 for a in SCHEMA.names} for _ in records]
+
+    cfg, loaders, _, _ = _scripted_setup(tmp_path, n_prompts=3, quality={"enabled": False}, ablation={},
+                                         steerability={"apm": str(tmp_path / "eval-apm"), "num_prompts": 3,
+                                                       "attributes": ["humor"], "models": ["mid"]})  # fmt: skip
+    loaders.measurer = lambda path: ConstantAPM()
+    results = evaluate.main(cfg, loaders)
+    assert results["steerability"]["models"]["mid"]["humor"]["measured_mean"] == [4.0] * 4
+    assert any("`humor` levels of `mid`'s 12 different answers spread by only 0.000" in n for n in results["notes"])
+    assert "spread by only" in (tmp_path / "eval" / "report.md").read_text()
 
 
 def test_computed_attribute_is_measured_without_the_apm(tmp_path, monkeypatch):

@@ -1197,6 +1197,11 @@ def ablation_results(cfg: Config, prompts: list[Prompt], judged: dict) -> dict:
     return {"reference": ref, "rows": rows}
 
 
+#: Below this standard deviation (in levels) over a model's different answers, an APM's measurements of an attribute
+#: are treated as constant: such a curve cannot show steering, and the report says so.
+MIN_MEASURED_SPREAD = 0.05
+
+
 @dataclass
 class SteerCurve:
     model: str
@@ -1234,6 +1239,11 @@ def steer_curves(cfg: Config, jobs: list[Job], measured: dict[tuple[str, str], t
         if failed:
             notes.append(f"Steerability: the APM gave no `{attr}` level for {failed} of `{name}`'s answers; they are "
                          "left out.")  # fmt: skip
+        spread = float(np.std(values))
+        if schema and len(set(texts)) > 1 and spread < MIN_MEASURED_SPREAD:  # (an unconditioned control has its note)
+            notes.append(f"Steerability: the APM's `{attr}` levels of `{name}`'s {len(values)} different answers spread "
+                         f"by only {spread:.3f} levels (standard deviation): whether the answers are alike or the APM "
+                         "cannot tell them apart, this curve cannot show steering. Check with a stronger APM.")  # fmt: skip
         result = summarize_measurements(attr, tags, values, texts)
         stderr, n = [], []
         for lv in result.requested:

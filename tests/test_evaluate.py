@@ -514,7 +514,7 @@ def test_config_errors_name_the_setting(tmp_path):
         evaluate.main(config_lib.build(evaluate.Config, {**base, "quality": {"judge": judge}}))
 
 
-@pytest.mark.parametrize("preset", ["tiny", "quickstart"])
+@pytest.mark.parametrize("preset", ["tiny", "quickstart", "ablation"])
 def test_presets_load(preset):
     cfg = config_lib.load(evaluate.Config, preset=preset, command="evaluate")
     assert cfg.steerability.apm and cfg.quality.judge.path

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from steerlm.config import TrainArgs
-from steerlm.train import batch_plan, count_steps, fit
+from steerlm.errors import UserError
+from steerlm.train import batch_plan, count_steps, fit, make_optimizer
 
 X = torch.randn(40, 3, generator=torch.Generator().manual_seed(0))
 Y = X @ torch.tensor([1.0, -2.0, 0.5])
@@ -79,3 +80,13 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     train_steps = [s for s, r in zip(steps, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines(), strict=True)
                    if '"loss"' in r]  # fmt: skip
     assert train_steps == list(range(1, 31))  # no step logged twice, none missing
+
+
+def test_head_lr_applies_to_the_head_and_needs_one():
+    model = torch.nn.ModuleDict({"body": torch.nn.Linear(4, 4), "head": torch.nn.Linear(4, 2)})
+    opt = make_optimizer(model, TrainArgs(lr=1e-4, head_lr=1e-2))
+    lrs = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert {lrs[id(p)] for p in model["head"].parameters()} == {1e-2}
+    assert {lrs[id(p)] for p in model["body"].parameters()} == {1e-4}
+    with pytest.raises(UserError, match="train.head_lr: this model has no trainable `head`"):
+        make_optimizer(torch.nn.ModuleDict({"body": torch.nn.Linear(4, 4)}), TrainArgs(head_lr=1e-2))

@@ -675,7 +675,7 @@ def main(cfg: Config) -> dict:
         "backbone": backbone, "pooling": pooling if cfg.kind == "regression" else None, "max_length": max_length,
         "base_model": cfg.model, "lora": cfg.train.lora.enabled, "text_format": TEXT_FORMAT,
         "head": HEAD if cfg.kind == "regression" else None, "train_means": means,
-        "length_feature": cfg.length_feature and cfg.kind == "regression",
+        "length_feature": cfg.length_feature,  # Config rejects it for a generative APM
         "train_examples": len(train_rows), "val_examples": len(val_rows),
     }  # fmt: skip
 

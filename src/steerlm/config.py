@@ -54,8 +54,9 @@ class TrainArgs:
     lr: float = 5e-6
     """Peak learning rate (SteerLM paper: 5e-6 for full fine-tuning; LoRA wants ~1e-4 to 5e-4)."""
     head_lr: float = 0.0
-    """Peak learning rate of a new output head (the APM's and reward model's `head`); 0: `lr`. A zero-initialised
-    head learns slowly at a pretrained backbone's small lr."""
+    """Peak learning rate of a new output head (the APM's and reward model's `head`; an error for a model without
+    one, e.g. SFT); 0: `lr`. A zero-initialised head learns slowly at a pretrained backbone's small lr. PPO's value
+    head trains at `lr`."""
     weight_decay: float = 0.01
     """AdamW weight decay (SteerLM paper: 1e-2)."""
     warmup_ratio: float = 0.03

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from steerlm.config import TrainArgs
+from steerlm.errors import UserError
 
 CHECKPOINT = "checkpoint"
 METRICS = "metrics.jsonl"
@@ -78,11 +79,15 @@ def make_optimizer(model: torch.nn.Module, args: TrainArgs) -> torch.optim.Optim
     """AdamW over trainable parameters; no weight decay on biases and norms (standard for transformers); a top-level
     `head` module (a new regression or reward output) at `args.head_lr` when that is set."""
     groups: dict[tuple[float, float], list] = {}
+    head_found = False
     for name, p in model.named_parameters():
         if p.requires_grad:
             decay = 0.0 if p.ndim < 2 or "norm" in name.lower() else args.weight_decay
-            lr = args.head_lr if args.head_lr > 0 and name.startswith("head.") else args.lr
-            groups.setdefault((lr, decay), []).append(p)
+            in_head = args.head_lr > 0 and name.startswith("head.")
+            head_found |= in_head
+            groups.setdefault((args.head_lr if in_head else args.lr, decay), []).append(p)
+    if args.head_lr > 0 and not head_found:  # an SFT model has no head: the setting would silently do nothing
+        raise UserError("this model has no trainable `head` for head_lr to apply to", field="train.head_lr")
     return torch.optim.AdamW(
         [{"params": ps, "lr": lr, "weight_decay": decay} for (lr, decay), ps in groups.items()], lr=args.lr
     )
@@ -275,8 +280,6 @@ def prepare_output(out: str | Path, *, resume: bool, overwrite: bool, meta_name:
     `resume` was asked (nothing left to do). An existing folder needs `resume` or `overwrite`, and `overwrite` only
     removes a folder that this kind of stage wrote (`what` names it in the error). `meta_name` is the path, relative
     to `out`, of the file that marks a finished model; `owned` lists other names that only such a stage writes."""
-    from steerlm.errors import UserError
-
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError("exists and is not a folder", file=str(out))

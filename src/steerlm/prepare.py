@@ -3,12 +3,14 @@
     steerlm prepare --source=../shared/data/oasst1/oasst1-en-dev.jsonl --out=runs/data
     steerlm prepare --source=hub:OpenAssistant/oasst1 --attributes=paper --levels=5 --out=runs/oasst
     steerlm prepare --source=../shared/data/hh-rlhf/harmless-base-dev.jsonl.gz --skip_invalid --out=runs/hh
+    steerlm prepare --source=hub:nvidia/HelpSteer2 --attributes=helpsteer --levels=5 --out=runs/helpsteer2
 
 Writes into `out`: `train.jsonl` and `val.jsonl` (VALUE_TO_TEXT records, for attribute-conditioned SFT),
 `train_t2v.jsonl` and `val_t2v.jsonl` (the same records as TEXT_TO_VALUE, for a generative APM), `config.yaml` and
 `stats.json`; with `computed: [verbosity]` also `computed.json` (the length-bucket edges, issue #8). All are
 written to a temporary folder first and moved into place only when all are complete.
-The split is by OASST tree (HH-RLHF: by pair), never by conversation, since the paths of one tree share turns.
+The split is by OASST tree (HH-RLHF: by pair; HelpSteer2: by prompt), never by conversation, since the paths of
+one tree share turns.
 """
 
 from __future__ import annotations
@@ -31,12 +33,12 @@ from steerlm.attributes import (
     computed_to_dict,
     with_computed,
 )
-from steerlm.data import hh, oasst
+from steerlm.data import helpsteer, hh, oasst
 from steerlm.data.records import TEXT_TO_VALUE, Record, record_from_json, write_records
 from steerlm.errors import UserError
 from steerlm.io import read_jsonl, write_json
 
-FORMATS = ("auto", "oasst", "oasst-trees", "hh", "records")
+FORMATS = ("auto", "oasst", "oasst-trees", "hh", "helpsteer2", "records")
 OUTPUT_FILES = ("train.jsonl", "val.jsonl", "train_t2v.jsonl", "val_t2v.jsonl", "config.yaml", "stats.json")
 #: Written beside them when `computed` is set: `{"verbosity": {"unit": "words", "edges": [...]}}`.
 COMPUTED_FILE = "computed.json"
@@ -49,7 +51,8 @@ class Config:
     which the first that exists (a file) or loads (a hub id) is used."""
     format: str = "auto"
     """auto (detected from the first record), oasst (flat Hugging Face rows), oasst-trees (nested trees dump), hh
-    (HH-RLHF chosen/rejected transcripts) or records (NeMo conversation JSONL, re-split and re-labelled)."""
+    (HH-RLHF chosen/rejected transcripts), helpsteer2 (NVIDIA HelpSteer2 rows, 0-4 ratings; wants
+    `attributes: helpsteer`, `levels: 5`) or records (NeMo conversation JSONL, re-split and re-labelled)."""
     out: str = "runs/data"
     """Output folder."""
     attributes: str | list[str] = "steerable"
@@ -115,6 +118,8 @@ def detect_format(obj: Any) -> str | None:
         return layout
     if hh.detect(obj):
         return "hh"
+    if helpsteer.detect(obj):
+        return "helpsteer2"
     if isinstance(obj, dict) and "conversations" in obj:
         return "records"
     return None
@@ -186,6 +191,15 @@ def load(cfg: Config, source: str, stats: Counter) -> tuple[list[Record], str]:
     elif fmt == "hh":
         pairs = hh.read_pairs(source, rows=hub_rows, skip_invalid=cfg.skip_invalid, stats=stats)
         records = hh.to_records(pairs)
+    elif fmt == "helpsteer2":
+        if hub_rows is not None:  # every split, concatenated: the split is prepare's own, by prompt
+            records = []
+            for split, i, row in hub_rows:
+                records += helpsteer.to_records([(i, row)], f"{source}[{split}]", schema,
+                                                skip_invalid=cfg.skip_invalid, stats=stats)  # fmt: skip
+        else:
+            rows = helpsteer.read_rows(source, skip_invalid=cfg.skip_invalid, stats=stats)
+            records = helpsteer.to_records(rows, source, schema, skip_invalid=cfg.skip_invalid, stats=stats)
     else:
         if hub_rows is not None:
             records = []

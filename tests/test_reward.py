@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 
 import pytest
 import torch
 
 from steerlm import cli, config, reward
-from steerlm.data import hh, preferences
+from steerlm.data import hh, invariants, preferences
 from steerlm.data.records import ASSISTANT, USER, Record, Turn, write_records
 from steerlm.losses import pairwise_loss
 
@@ -188,3 +189,91 @@ def test_causal_backbone_with_lora(tmp_path):
     assert (out / "adapter_config.json").exists()  # a LoRA reward model is an adapter folder plus the head
     scores = reward.load_rm(out).score([("Hi", "Hello."), ("Hi", "Go away.")])
     assert len(scores) == 2 and all(math.isfinite(s) for s in scores)
+
+
+# ---------------------------------------------------------------- tokens that no longer compare anything (issue #15)
+
+SHARED_ENDING = " ".join(f"word{i % 7} and more text {i}." for i in range(12))  # 60 words
+
+
+def yes_no_pairs(path, shared=3, ordinary=3):
+    """The issue's HH-style input: answers that differ only in their first word and share a 60-word ending (a left
+    truncation to 32 tokens keeps only that ending), and ordinary pairs."""
+    assert len(SHARED_ENDING.split()) == 60
+    rows = []
+    for x in ["swim at night", "eat raw fish", "sing loudly"][:shared]:
+        head = f"\n\nHuman: Is it ok to {x}?\n\nAssistant: "
+        rows.append({"chosen": head + "Yes. " + SHARED_ENDING, "rejected": head + "No. " + SHARED_ENDING})
+    for i in range(ordinary):
+        head = f"\n\nHuman: Question {i}: can you help me?\n\nAssistant: "
+        rows.append({"chosen": head + "Yes, thank you, here is the answer.", "rejected": head + "No. Go away."})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_truncation_keeps_the_answers_and_cuts_the_shared_context_first(tmp_path):
+    from steerlm import models
+
+    _, tok = models.tiny_encoder()
+    comps = preferences.comparisons_from_hh(hh.read_pairs(yes_no_pairs(tmp_path / "pairs.jsonl")))
+    rows = reward.encode_comparisons(comps, "encoder", tok, 32)
+    assert len(rows) == 6
+    for row in rows[:3]:
+        chosen, rejected = row["input_ids"]
+        assert len(chosen) <= 32 and len(rejected) <= 32
+        assert chosen != rejected  # main: left truncation kept only the shared ending, token-identical
+        assert chosen[0] == tok.cls_token_id and chosen[-1] == tok.sep_token_id  # the special edges are kept
+        # the answers' first words, which decide the pair, are kept; the shared question was cut first
+        text_c, text_r = tok.decode(chosen, skip_special_tokens=True), tok.decode(rejected, skip_special_tokens=True)
+        assert "Yes." in text_c and "No." in text_r and "Is it ok" not in text_c
+    # an ordinary pair that fits is tokenized exactly as before
+    text = reward.rm_text(comps[3].conversation(0).conversations, "encoder", tok)
+    assert rows[3]["input_ids"][0] == reward.tokenize([text], tok, 32)[0]
+
+
+def test_pairs_identical_after_tokenization_are_dropped_and_counted(tmp_path):
+    from tokenizers import normalizers
+
+    from steerlm import models
+
+    _, tok = models.tiny_encoder()
+    tok.backend_tokenizer.normalizer = normalizers.Lowercase()  # as an uncased tokenizer (MiniLM's) reads text
+    path = tmp_path / "case.jsonl"
+    head = "\n\nHuman: Say yes.\n\nAssistant: "
+    path.write_text(json.dumps({"chosen": head + "Yes!", "rejected": head + "yes!"}) + "\n"
+                    + json.dumps({"chosen": head + "Yes!", "rejected": head + "No."}) + "\n")  # fmt: skip
+    stats = Counter()
+    comps = preferences.comparisons_from_hh(hh.read_pairs(path, stats=stats))
+    assert stats["identical"] == 0  # as text the two answers differ
+    for c in comps:
+        c.origin = "case.jsonl"
+    dropped = {}
+    rows = reward.encode_comparisons(comps, "encoder", tok, 64, dropped)
+    assert len(rows) == 1 and rows[0]["chars"] == [4, 3]
+    assert dropped == {"case.jsonl": Counter({invariants.IDENTICAL: 1})}
+
+
+def test_train_rm_on_the_issue_input_keeps_every_pair_distinct(tmp_path):
+    data = yes_no_pairs(tmp_path / "pairs.jsonl")
+    summary = reward.main(reward.Config(data=[data], val_data=[data], out=str(tmp_path / "rm"), model="tiny-encoder",
+                                        train=reward.RMTrainArgs(max_steps=1, max_length=32, batch_size=6)))  # fmt: skip
+    counts = summary["data"]
+    assert counts["train:pairs.jsonl"]["train_pairs"] == 6 and counts["val:pairs.jsonl"]["val_pairs"] == 6
+    assert invariants.IDENTICAL not in counts["val:pairs.jsonl"]
+    # No held-out pair is a tie any more: each has a margin that is not float noise.
+    rm = reward.load_rm(tmp_path / "rm")
+    comps = preferences.comparisons_from_hh(hh.read_pairs(data))
+    rows = reward.encode_comparisons(comps, "encoder", rm.tokenizer, 32)
+    scores = reward.score_ids(rm.model, [ids for r in rows for ids in r["input_ids"]], rm.tokenizer.pad_token_id, 16)
+    assert all(abs(scores[2 * i] - scores[2 * i + 1]) > 1e-4 for i in range(6))
+
+
+def test_train_rm_refuses_when_no_comparison_is_left_after_tokenization(tmp_path, capsys):
+    data = yes_no_pairs(tmp_path / "pairs.jsonl")
+    # max_length 2 leaves [CLS] [SEP]: every pair is the same two tokens on both sides
+    code = cli.run(["train-rm", data, "--val-data", data, "--model", "tiny-encoder", "--out", str(tmp_path / "rm"),
+                    "--train.max_length", "2", "--train.max_steps", "1"])  # fmt: skip
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "train.max_length" in err and "no training comparison left after tokenization" in err
+    assert "'identical after tokenization': 6" in err

@@ -37,7 +37,7 @@ from steerlm import config as config_lib
 from steerlm import models, train
 from steerlm.apm import backbone_kind, freeze_unused, plain_text
 from steerlm.config import TrainArgs
-from steerlm.data import preferences
+from steerlm.data import invariants, preferences
 from steerlm.data.collate import pad
 from steerlm.data.preferences import Comparisons
 from steerlm.data.records import ASSISTANT, Record, Turn, record_from_json
@@ -148,9 +148,11 @@ def read_comparisons(cfg: Config) -> tuple[list[Comparisons], list[Comparisons],
             tr, va = (comps, []) if role == "train" else ([], comps)
         else:
             tr, va = preferences.split(comps, cfg.val_fraction, cfg.seed)
+        name = f"{role}:{Path(path).name}" if cfg.val_data else Path(path).name
+        for c in comps:
+            c.origin = name
         train_c += tr
         val_c += va
-        name = f"{role}:{Path(path).name}" if cfg.val_data else Path(path).name
         counts[name] = {
             "kind": kind,
             "prompts": len(comps),
@@ -282,13 +284,28 @@ def load_rm(path: str | Path, *, device: torch.device | None = None) -> RewardSc
 # ---------------------------------------------------------------- training pieces
 
 
-def encode_comparisons(comps: list[Comparisons], backbone: str, tokenizer, max_length: int) -> list[dict]:
-    """One example per prompt: its responses tokenized, and its (better, worse) pairs."""
+def encode_comparisons(comps: list[Comparisons], backbone: str, tokenizer, max_length: int,
+                       dropped: dict[str, Counter] | None = None) -> list[dict]:  # fmt: skip
+    """One example per prompt: its responses tokenized and cut to `max_length` by the comparison rule (the answers
+    are kept, the shared context is cut first: `invariants.truncate_comparison`), and its (better, worse) pairs.
+
+    A pair whose two sides are the same tokens after that (an uncased or normalising tokenizer, or a length that
+    leaves no room for the answers) is dropped and counted in `dropped[c.origin]` (`invariants.IDENTICAL`), as
+    exact duplicates are before tokenization; a prompt with no pair left is left out."""
+    dropped = {} if dropped is None else dropped
     texts = [
         rm_text(c.conversation(i).conversations, backbone, tokenizer) for c in comps for i in range(len(c.responses))
     ]
-    ids = iter(tokenize(texts, tokenizer, max_length))
-    return [{"input_ids": [next(ids) for _ in c.responses], "pairs": c.pairs, "source": c.source} for c in comps]
+    ids = iter(tokenizer(texts, verbose=False)["input_ids"])
+    special = tokenizer.all_special_ids
+    out = []
+    for c in comps:
+        seqs = invariants.truncate_comparison([next(ids) for _ in c.responses], max_length, special)
+        rows = invariants.Rows(dropped.setdefault(c.origin, Counter()))
+        pairs = invariants.distinct_pairs(seqs, c.pairs, rows, field=c.group)
+        if pairs:
+            out.append({"input_ids": seqs, "pairs": pairs, "source": c.source, "chars": [len(r) for r in c.responses]})
+    return out
 
 
 def collate_comparisons(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
@@ -355,9 +372,10 @@ def format_metrics(metrics: dict, prefix: str = "val_") -> str:
     return f"held-out pairs {metrics.get(prefix + 'pairs', 0)} | {acc} | margin {margin:.3f} | loss {loss:.4f}"
 
 
-def length_baseline(comps: list[Comparisons]) -> float | None:
-    """Pairwise accuracy of 'the longer answer wins', the trivial reward model to beat."""
-    pairs = [(len(c.responses[better]), len(c.responses[worse])) for c in comps for better, worse in c.pairs]
+def length_baseline(rows: list[dict]) -> float | None:
+    """Pairwise accuracy of 'the longer answer wins' (in characters) over encoded comparisons, the trivial reward
+    model to beat."""
+    pairs = [(r["chars"][better], r["chars"][worse]) for r in rows for better, worse in r["pairs"]]
     return sum(a > b for a, b in pairs) / len(pairs) if pairs else None
 
 
@@ -389,10 +407,20 @@ def main(cfg: Config) -> dict:
     nn.init.normal_(model.head.weight, std=0.02)
     nn.init.zeros_(model.head.bias)
     max_length = cfg.train.max_length
-    train_rows = encode_comparisons(train_c, backbone, tokenizer, max_length)
-    val_rows = encode_comparisons(val_c, backbone, tokenizer, max_length)
+    # the tokens actually used must still compare two different things (invariants: dropped and counted per file)
+    dropped: dict[str, dict[str, Counter]] = {"train": {}, "val": {}}
+    train_rows = encode_comparisons(train_c, backbone, tokenizer, max_length, dropped["train"])
+    val_rows = encode_comparisons(val_c, backbone, tokenizer, max_length, dropped["val"])
+    for role, by_name in dropped.items():
+        for name, n in by_name.items():
+            for reason, k in n.items():
+                counts[name][f"{role}_pairs"] -= k
+                counts[name][reason] = counts[name].get(reason, 0) + k
+    if not train_rows or not val_rows:
+        raise UserError(f"no {'training' if not train_rows else 'held-out'} comparison left after tokenization "
+                        f"(max_length {max_length}): {counts}", field="train.max_length")  # fmt: skip
     n_train, n_val = sum(len(r["pairs"]) for r in train_rows), sum(len(r["pairs"]) for r in val_rows)
-    baseline = length_baseline(val_c)
+    baseline = length_baseline(val_rows)
     print(f"train-rm: {cfg.model} ({backbone}, {pooling} pooling); {len(train_rows)} prompts / {n_train} pairs to "
           f"train, {len(val_rows)} / {n_val} held out; longer-answer-wins baseline {baseline:.3f}")  # fmt: skip
     for name, c in counts.items():

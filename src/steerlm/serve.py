@@ -49,7 +49,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from steerlm.attributes import parse_assignment
 from steerlm.batching import DONE, ERROR, TEXT, Engine, Finished, QueueFull, Row
-from steerlm.data import templates
+from steerlm.data import invariants, templates
 from steerlm.data.records import ASSISTANT, USER, Record, Turn
 from steerlm.errors import UserError
 
@@ -159,11 +159,32 @@ def _json_response(status: int, body: Any, headers: dict[str, str] | None = None
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+def param_path(loc: tuple | list) -> str:
+    """A field's location as OpenAI spells `param` (and as every message of this server names a field):
+    `messages[0].content`, `stream_options.include_usage`. Pydantic's union branch tags (`str`,
+    `list[ContentPart]`, ...) and the `body` root are not part of the path."""
+    out = ""
+    for x in loc:
+        if x == "body" and not out:
+            continue
+        if isinstance(x, int):
+            out += f"[{x}]"
+            continue
+        x = str(x)
+        if x in _TYPE_TAGS or not x.isidentifier():
+            break
+        out += f".{x}" if out else x
+    return out
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none", "json-or-python"}
+
+
 def _describe_validation(errors: list[dict]) -> tuple[str, str | None]:
-    """A readable message (and the first offending field) from pydantic errors."""
+    """A readable message (and the first offending field, `param_path` spelling) from pydantic errors."""
     parts, first = [], None
     for e in errors[:6]:
-        loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
+        loc = param_path(e.get("loc", ()))
         first = first or loc or None
         kind = e.get("type", "")
         if kind == "extra_forbidden":
@@ -172,7 +193,9 @@ def _describe_validation(errors: list[dict]) -> tuple[str, str | None]:
             msg = "required field is missing"
         else:
             msg = e.get("msg", "invalid value")
-        parts.append(f"{loc}: {msg}" if loc else msg)
+        part = f"{loc}: {msg}" if loc else msg
+        if part not in parts:  # a union's branches each report the same field
+            parts.append(part)
     if len(errors) > 6:
         parts.append(f"... and {len(errors) - 6} more")
     return "; ".join(parts), first
@@ -562,11 +585,13 @@ class Service:
             label = None
             if m.role == "assistant":
                 if m.attributes and self.gen.schema is None:
-                    raise ApiError(422, f"{what}[{i}].attributes: the model takes no attributes")
+                    raise ApiError(422, f"{what}[{i}].attributes: the model takes no attributes",
+                                   param=f"{what}[{i}].attributes")  # fmt: skip
                 own = self.levels(m.attributes) if m.attributes else levels
                 label = self.gen.schema.render(own) if own is not None and self.gen.schema is not None else None
             elif m.attributes:
-                raise ApiError(422, f"{what}[{i}].attributes: only assistant messages carry attributes")
+                raise ApiError(422, f"{what}[{i}].attributes: only assistant messages carry attributes",
+                               param=f"{what}[{i}].attributes")  # fmt: skip
             turns.append(Turn(USER if m.role == "user" else ASSISTANT, text, label))
         if not turns or turns[-1].role != USER:
             raise ApiError(422, f"{what}: the last message must be the user's (the server writes the answer)",
@@ -586,22 +611,36 @@ class Service:
             raise ApiError(422, "empty prompt", param="prompt")
         return ids
 
-    def check_lengths(self, prompts: list[list[int]], max_tokens: int, param: str) -> None:
+    def max_tokens(self, requested: int | None, param: str = "max_tokens") -> int | None:
+        """The client's token budget checked against the server's bound (None: the client set none)."""
+        if requested is not None and requested > self.cfg.max_tokens:
+            raise ApiError(422, f"{param}: {requested} is more than this server allows ({self.cfg.max_tokens})",
+                           param=param)  # fmt: skip
+        return requested
+
+    def answer_budget(self, prompts: list[list[int]], requested: int | None, param: str, *,
+                      default: int | None = None, tokens_param: str = "max_tokens") -> int:  # fmt: skip
+        """Tokens each answer may use. A budget the client set (`requested`) must fit in the context beside the
+        longest prompt (else 422, context_length_exceeded); without one, the default (`default_max_tokens`) shrinks
+        to the room that is left, as vLLM does. A prompt that leaves no room for an answer is a 422 either way
+        (`invariants.no_room`, the check every stage shares)."""
         longest = max(len(p) for p in prompts)
         if longest > self.cfg.max_prompt_tokens:
             raise ApiError(422, f"{param}: the prompt has {longest} tokens; this server accepts at most "
                            f"{self.cfg.max_prompt_tokens}", param=param, code="context_length_exceeded")  # fmt: skip
-        if self.context and longest + max_tokens > self.context:
-            raise ApiError(422, f"{param}: the prompt ({longest} tokens) plus max_tokens ({max_tokens}) exceeds the "
+        if invariants.no_room(longest, self.context):
+            raise ApiError(422, f"{param}: the prompt ({longest} tokens) leaves no room for an answer in the "
                            f"model's context length ({self.context})", param=param,
                            code="context_length_exceeded")  # fmt: skip
-
-    def max_tokens(self, requested: int | None, param: str = "max_tokens") -> int:
-        value = requested if requested is not None else self.cfg.default_max_tokens
-        if value > self.cfg.max_tokens:
-            raise ApiError(422, f"{param}: {value} is more than this server allows ({self.cfg.max_tokens})",
-                           param=param)  # fmt: skip
-        return value
+        room = invariants.room_left(longest, self.context)
+        if requested is None:
+            value = default if default is not None else self.cfg.default_max_tokens
+            return value if room is None else min(value, room)
+        if room is not None and requested > room:
+            raise ApiError(422, f"{param}: the prompt ({longest} tokens) plus {tokens_param} ({requested}) exceeds "
+                           f"the model's context length ({self.context})", param=param,
+                           code="context_length_exceeded")  # fmt: skip
+        return requested
 
     def check_n(self, n: int, prompts: int = 1) -> None:
         if n > self.cfg.max_n:
@@ -622,7 +661,9 @@ class Service:
         if len(stop) > 16 or any(not s or len(s) > 256 for s in stop):
             raise ApiError(422, "stop: up to 16 non-empty strings of at most 256 characters", param="stop")
         if req.min_tokens is not None and req.min_tokens > max_tokens:
-            raise ApiError(422, f"min_tokens ({req.min_tokens}) exceeds max_tokens ({max_tokens})", param="min_tokens")
+            raise ApiError(422, f"min_tokens ({req.min_tokens}) exceeds the answer's token budget ({max_tokens}: "
+                           "max_tokens, or the default shrunk to the room the context leaves)",
+                           param="min_tokens")  # fmt: skip
         top_k = max(req.top_k, 0) if req.top_k is not None else None  # -1 (vLLM) and 0 both mean no limit
         guided = req.guidance_scale is not None and req.guidance_scale != 1.0
         if (guided or req.guidance_reference) and self.gen.schema is None:
@@ -649,9 +690,10 @@ class Service:
     # ------------------------------------------------------------ running rows
 
     def submit(self, prompts: list[list[int]], samplings: list, *, templated: bool, include_stop: bool = False,
-               neutral: list[list[int] | None] | None = None):  # fmt: skip
+               neutral: list[list[int] | None] | None = None, prompt_tokens: int | None = None):  # fmt: skip
         """Queue one row per (prompt, sampling), guided against its `neutral` prompt where one is given; returns
-        (rows, events queue). 429 when the queue is full."""
+        (rows, events queue). 429 when the queue is full. `prompt_tokens`: the request's prompt tokens, each prompt
+        counted once whatever its `n` (default: all rows' prompts)."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
@@ -675,7 +717,7 @@ class Service:
         except QueueFull as e:
             raise ApiError(429, f"server busy: {e}; retry shortly", code="queue_full",
                            headers={"Retry-After": "1"}) from None  # fmt: skip
-        self.metrics.prompt_tokens += sum(len(p) for p in prompts)
+        self.metrics.prompt_tokens += sum(len(p) for p in prompts) if prompt_tokens is None else prompt_tokens
         return rows, events
 
     async def collect(self, request, rows: list[Row], events: asyncio.Queue) -> list[Finished]:
@@ -769,6 +811,8 @@ def _check_unsupported(req: _OpenAISampling) -> None:
 
 
 def _usage(prompts: list[list[int]], results: list[Finished]) -> dict:
+    """OpenAI's `usage`: `prompt_tokens` counts each prompt once (as OpenAI and vLLM do, whatever `n`),
+    `completion_tokens` every choice's tokens."""
     prompt = sum(len(p) for p in prompts)
     completion = sum(len(r.token_ids) for r in results)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
@@ -891,46 +935,49 @@ def create_app(cfg: Config | str, *, generator=None, apm=None):
         svc.check_n(req.n)
         if req.max_tokens is not None and req.max_completion_tokens is not None:
             raise ApiError(422, "give max_tokens or max_completion_tokens, not both", param="max_tokens")
-        max_tokens = svc.max_tokens(req.max_completion_tokens or req.max_tokens)
+        tokens_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        requested = svc.max_tokens(req.max_completion_tokens or req.max_tokens, tokens_param)
         levels = svc.levels(req.attributes)
         record = svc.record(req.messages, levels)
         ids = svc.prompt_ids(record, levels)
-        svc.check_lengths([ids], max_tokens, "messages")
+        max_tokens = svc.answer_budget([ids], requested, "messages", tokens_param=tokens_param)
         base = svc.openai_sampling(req, max_tokens)
         neutral = svc.neutral_ids(record, base)
         samplings = [_with_seed(base, i) for i in range(req.n)]
-        rows, events = svc.submit([ids] * req.n, samplings, templated=True, neutral=[neutral] * req.n)
+        rows, events = svc.submit([ids] * req.n, samplings, templated=True, neutral=[neutral] * req.n,
+                                  prompt_tokens=len(ids))  # fmt: skip
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "created": created, "model": svc.name}
         if not req.stream:
             results = await svc.collect(request, rows, events)
             choices = [{"index": i, "message": {"role": "assistant", "content": r.text}, "logprobs": None,
                         "finish_reason": r.finish_reason} for i, r in enumerate(results)]  # fmt: skip
-            return {**head, "object": "chat.completion", "choices": choices, "usage": _usage([ids] * req.n, results),
+            return {**head, "object": "chat.completion", "choices": choices, "usage": _usage([ids], results),
                     "attributes": levels}  # fmt: skip
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        # With include_usage, every chunk carries `usage: null` and one last chunk the totals (OpenAI's order).
+        no_usage = {"usage": None} if include_usage else {}
 
         def chunk(index: int, kind: str, payload: Any) -> dict | None:
             if kind == TEXT:
                 delta, finish = {"content": payload}, None
             else:
                 delta, finish = {}, payload.finish_reason
-            return {**head, "object": "chat.completion.chunk",
+            return {**head, "object": "chat.completion.chunk", **no_usage,
                     "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}]}  # fmt: skip
 
         def tail(results: list[Finished]) -> list[dict]:
             if not include_usage:
                 return []
-            return [
-                {**head, "object": "chat.completion.chunk", "choices": [], "usage": _usage([ids] * req.n, results)}
-            ]
+            return [{**head, "object": "chat.completion.chunk", "choices": [], "usage": _usage([ids], results)}]
 
         async def events_stream():
-            # The role comes first (as OpenAI sends it), with the levels the answer is steered to (extension).
-            first = {**head, "object": "chat.completion.chunk", "attributes": levels,
-                     "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                  "finish_reason": None} for i in range(req.n)]}  # fmt: skip
-            yield _sse(first)
+            # Each choice's role comes first, one choice per chunk (as OpenAI sends them), with the levels the answer
+            # is steered to (extension).
+            for i in range(req.n):
+                yield _sse({**head, "object": "chat.completion.chunk", "attributes": levels, **no_usage,
+                            "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                         "finish_reason": None}]})  # fmt: skip
             async for item in svc.stream(rows, events, chunk, tail):
                 yield item
 
@@ -946,7 +993,7 @@ def create_app(cfg: Config | str, *, generator=None, apm=None):
         if not texts or len(texts) > cfg.max_prompts:
             raise ApiError(422, f"prompt: give 1 to {cfg.max_prompts} prompts", param="prompt")
         svc.check_n(req.n, len(texts))
-        max_tokens = svc.max_tokens(req.max_tokens)
+        requested = svc.max_tokens(req.max_tokens)
         # A raw prompt is continued as is. With `attributes`, each prompt is a user message instead, answered
         # through the model's template at those levels (the steered completion of one-turn prompts).
         templated = req.attributes is not None
@@ -955,7 +1002,7 @@ def create_app(cfg: Config | str, *, generator=None, apm=None):
         prompts = [
             svc.prompt_ids(r, levels) if templated else svc.raw_ids(t) for r, t in zip(records, texts, strict=True)
         ]
-        svc.check_lengths(prompts, max_tokens, "prompt")
+        max_tokens = svc.answer_budget(prompts, requested, "prompt")
         base = svc.openai_sampling(req, max_tokens)
         if svc.gen.guided(base) and not templated:
             raise ApiError(422, "guidance_scale: guidance needs `attributes` (a raw prompt has no attribute line)",
@@ -963,7 +1010,7 @@ def create_app(cfg: Config | str, *, generator=None, apm=None):
         neutral = [svc.neutral_ids(r, base) for r in records] if templated else [None] * len(records)
         per_row = [(p, _with_seed(base, j), q) for p, q in zip(prompts, neutral, strict=True) for j in range(req.n)]
         rows, events = svc.submit([p for p, _, _ in per_row], [s for _, s, _ in per_row], templated=templated,
-                                  neutral=[q for _, _, q in per_row])  # fmt: skip
+                                  neutral=[q for _, _, q in per_row], prompt_tokens=sum(map(len, prompts)))  # fmt: skip
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "text_completion", "created": created, "model": svc.name}
         prefix = [texts[i // req.n] if req.echo else "" for i in range(len(rows))]
@@ -971,9 +1018,10 @@ def create_app(cfg: Config | str, *, generator=None, apm=None):
             results = await svc.collect(request, rows, events)
             choices = [{"index": i, "text": prefix[i] + r.text, "logprobs": None, "finish_reason": r.finish_reason}
                        for i, r in enumerate(results)]  # fmt: skip
-            body = {**head, "choices": choices, "usage": _usage([p for p, _, _ in per_row], results)}
+            body = {**head, "choices": choices, "usage": _usage(prompts, results)}
             return {**body, "attributes": levels} if templated else body
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        no_usage = {"usage": None} if include_usage else {}
         started = set()
 
         def chunk(index: int, kind: str, payload: Any) -> dict | None:
@@ -984,12 +1032,13 @@ def create_app(cfg: Config | str, *, generator=None, apm=None):
             finish = payload.finish_reason if kind == DONE else None
             if not text and finish is None:
                 return None
-            return {**head, "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish}]}
+            return {**head, **no_usage,
+                    "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish}]}  # fmt: skip
 
         def tail(results: list[Finished]) -> list[dict]:
             if not include_usage:
                 return []
-            return [{**head, "choices": [], "usage": _usage([p for p, _, _ in per_row], results)}]
+            return [{**head, "choices": [], "usage": _usage(prompts, results)}]
 
         return _sse_response(svc.stream(rows, events, chunk, tail), rows)
 
@@ -1006,9 +1055,15 @@ def create_app(cfg: Config | str, *, generator=None, apm=None):
             raise ApiError(422, f"min_tokens_to_generate ({req.min_tokens_to_generate}) exceeds tokens_to_generate "
                            f"({req.tokens_to_generate})", param="min_tokens_to_generate")  # fmt: skip
         svc.check_n(1, len(req.sentences))
-        max_tokens = svc.max_tokens(req.tokens_to_generate, "tokens_to_generate")
+        # NeMo's default of 64 tokens, like OpenAI's default, shrinks to the room a long prompt leaves.
+        given = "tokens_to_generate" in req.model_fields_set
+        requested = svc.max_tokens(req.tokens_to_generate if given else None, "tokens_to_generate")
         prompts = [svc.raw_ids(s, add_bos=req.add_BOS) for s in req.sentences]
-        svc.check_lengths(prompts, max_tokens, "sentences")
+        max_tokens = svc.answer_budget(prompts, requested, "sentences", default=req.tokens_to_generate,
+                                       tokens_param="tokens_to_generate")  # fmt: skip
+        if req.min_tokens_to_generate > max_tokens:
+            raise ApiError(422, f"min_tokens_to_generate ({req.min_tokens_to_generate}) exceeds the {max_tokens} "
+                           "tokens left for an answer", param="min_tokens_to_generate")  # fmt: skip
         # NeMo: top_p 0 means no nucleus filtering (its sampler only filters when top_p > 0).
         base = svc.sampling(max_new_tokens=max_tokens, temperature=req.temperature, greedy=req.greedy,
                             top_k=req.top_k, top_p=req.top_p if req.top_p > 0 else 1.0,

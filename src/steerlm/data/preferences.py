@@ -44,6 +44,8 @@ class Comparisons:
     """The unit of the train/validation split: an OASST tree (paths of one tree share text) or an HH pair."""
     source: str
     """'oasst', 'hh' or 'records': which kind of input it came from (metrics are reported per source)."""
+    origin: str = ""
+    """The input it was read from, as its counts are reported (e.g. the file name); set by the reader."""
 
     def conversation(self, i: int) -> Record:
         """The prompt answered with response `i`."""

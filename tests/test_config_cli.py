@@ -124,3 +124,37 @@ def test_help_is_fast_and_lists_commands():
 def test_unknown_command_exits_2(capsys):
     assert cli.run(["nope"]) == 2
     assert "unknown command" in capsys.readouterr().err
+
+
+def test_describe_shows_a_sections_own_default_factory():
+    # The help must show the defaults a run gets: `Tuned.data` is built by its factory, not by Inner's defaults.
+    rows = {k: t for k, t, _ in C.describe(Tuned)}
+    assert rows["data.levels"] == "int = 5" and rows["data.names"] == "list[str] = ['humor']"
+
+
+def _help(capsys, command: str) -> str:
+    assert cli.run([command, "--help"]) == 0
+    return capsys.readouterr().out
+
+
+def test_ppo_help_shows_the_real_rollout_sampling_defaults(capsys):
+    from steerlm import ppo
+
+    out = _help(capsys, "ppo")
+    real = ppo.Config(policy="tiny-lm").sampling  # what a run gets
+    assert (real.temperature, real.top_p, real.max_new_tokens) == (1.0, 1.0, 64)
+    assert "--sampling.temperature  (float = 1.0)" in out
+    assert "--sampling.top_p  (float = 1.0)" in out
+    assert "--sampling.max_new_tokens  (int = 64)" in out
+
+
+def test_help_expands_stage_sections_and_lists_presets(capsys):
+    out = _help(capsys, "pipeline")
+    # a `dict` section is shown as the settings of the command it is passed to, less the paths the pipeline fills in
+    assert "--sft.train.lora.r  (int = 0)" in out and "--apm.kind  (" in out
+    assert "--sft.data  (" not in out and "--sft  (dict" not in out
+    for name in ("quickstart", "steer", "tiny"):
+        assert f"\n  {name} " in out.split("settings (")[0]
+    rlhf = _help(capsys, "rlhf")
+    assert "--ppo.sampling.temperature  (float = 1.0)" in rlhf and "--ppo.policy  (" not in rlhf
+    assert "presets (" not in _help(capsys, "generate")  # a command without presets lists none

@@ -56,7 +56,7 @@ class Config:
     """Seed for prompt/combination sampling and generation."""
     finetune: bool = True
     """Run the second SFT round on the bootstrapped records."""
-    sft: dict = field(default_factory=dict)
+    sft: dict = field(default_factory=dict, metadata={"command": "sft", "filled": "model data out"})
     """Settings of the second SFT round, as for `steerlm sft` (e.g. {train: {epochs: 1, lr: 1e-4}})."""
     resume: bool = False
     """Continue an interrupted run (keeps generations already written)."""

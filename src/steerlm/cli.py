@@ -92,12 +92,19 @@ def parse_args(argv: list[str], list_fields: set[str], bool_fields: set[str], mu
 
 
 def _print_command_help(command: str, module) -> None:
-    from steerlm.config import describe
+    from steerlm.config import describe, preset_names
 
     doc = (module.__doc__ or "").strip()
     print(f"steerlm {command}: {COMMANDS[command][1]}\n")
     if doc:
         print(doc + "\n")
+    presets = preset_names(getattr(module, "PRESETS_FOR", command))
+    if presets:
+        print("presets (--preset NAME; settings given after it override it):")
+        width = max(len(name) for name, _ in presets)
+        for name, summary in presets:
+            print(f"  {name:<{width}}  {summary}")
+        print()
     print("settings (YAML keys, or --key=value on the command line):")
     for key, typ, text in describe(module.Config):
         print(f"  --{key}  ({typ})")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import itertools
 import textwrap
 import types
 import typing
@@ -260,8 +261,7 @@ def preset_path(command: str, name: str) -> Path:
     """A built-in preset shipped in the package: `steerlm/presets/<command>/<name>.yaml`."""
     path = Path(str(resources.files("steerlm") / "presets" / command / f"{name}.yaml"))
     if not path.exists():
-        folder = path.parent
-        known = sorted(p.stem for p in folder.glob("*.yaml")) if folder.exists() else []
+        known = [n for n, _ in preset_names(command)]
         raise UserError(f"no preset {name!r} for {command}; known: {', '.join(known) or 'none'}", field="--preset")
     return path
 
@@ -320,21 +320,63 @@ def field_docs(cls) -> dict[str, str]:
     return docs
 
 
-def describe(cls, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(dotted key, type/default, doc) for every setting of a config class, nested ones included."""
+def describe(cls, prefix: str = "", default=None) -> list[tuple[str, str, str]]:
+    """(dotted key, type/default, doc) for every setting of a config class, nested ones included.
+
+    Defaults are each field's own: a section made by a default factory shows the factory's values (PPO's
+    `sampling` shows its rollout temperature 1.0, not `SamplingArgs`' 0.7); `default` is the instance whose values
+    to show. A `dict` section declared with `metadata={"command": ...}` (pipeline, bootstrap and rlhf pass such a
+    section to another stage) is expanded into that command's settings, less the ones named in
+    `metadata["filled"]` (space-separated), which the outer stage fills in."""
     rows = []
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
     for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            rows += describe(tp, prefix + f.name + ".")
+        if not f.init:
             continue
-        if f.default is not dataclasses.MISSING:
-            default = repr(f.default)
+        tp, key = hints[f.name], prefix + f.name
+        if default is not None:
+            value = getattr(default, f.name)
+        elif f.default is not dataclasses.MISSING:
+            value = f.default
         elif f.default_factory is not dataclasses.MISSING:
-            default = repr(f.default_factory())
+            value = f.default_factory()
         else:
-            default = "required"
-        rows.append((prefix + f.name, f"{_type_name(tp)} = {default}", docs.get(f.name, "")))
+            value = dataclasses.MISSING
+        if dataclasses.is_dataclass(tp):
+            rows += describe(tp, key + ".", None if value is dataclasses.MISSING else value)
+            continue
+        command = f.metadata.get("command")
+        if command:
+            filled = set(f.metadata.get("filled", "").split())
+            rows.append((key, f"section: `steerlm {command}` settings", docs.get(f.name, "")))
+            rows += [row for row in describe(section_class(command), key + ".")
+                     if row[0].split(".")[len(key.split("."))] not in filled]  # fmt: skip
+            continue
+        shown = "required" if value is dataclasses.MISSING else repr(value)
+        rows.append((key, f"{_type_name(tp)} = {shown}", docs.get(f.name, "")))
     return rows
+
+
+def section_class(command: str):
+    """The `Config` class of a steerlm command (imports its stage module)."""
+    import importlib
+
+    from steerlm.cli import COMMANDS
+
+    return importlib.import_module(COMMANDS[command][0]).Config
+
+
+def preset_names(command: str) -> list[tuple[str, str]]:
+    """(name, summary) of the presets shipped for a command; the summary is the first sentence of the file's
+    leading comment, after the line that shows the command."""
+    folder = Path(str(resources.files("steerlm") / "presets" / command))
+    out = []
+    for path in sorted(folder.glob("*.yaml")) if folder.exists() else []:
+        lines = path.read_text(encoding="utf-8").splitlines()
+        comment = [x[1:].strip() for x in itertools.takewhile(lambda x: x.startswith("#"), lines)]
+        if comment and comment[0].startswith("steerlm "):
+            comment = comment[1:]
+        first = " ".join(comment).split(". ")[0].rstrip(".")
+        out.append((path.stem, first if len(first) <= 110 else first[:109].rsplit(" ", 1)[0] + " …"))
+    return out

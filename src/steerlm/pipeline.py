@@ -52,15 +52,17 @@ class CheckArgs:
 class Config:
     out: str = "runs/pipeline"
     """Root folder; each stage writes a subfolder (data, apm, annotated, sft, bootstrap, check)."""
-    prepare: dict = field(default_factory=dict)
+    prepare: dict = field(default_factory=dict, metadata={"command": "prepare", "filled": "out overwrite"})
     """`steerlm prepare` settings (source, attributes, levels, ...); `out` is filled in."""
-    apm: dict = field(default_factory=dict)
+    apm: dict = field(default_factory=dict, metadata={"command": "train-apm", "filled": "data out overwrite"})
     """`steerlm train-apm` settings (kind, model, train, ...); `data` and `out` are filled in."""
-    annotate: dict = field(default_factory=dict)
+    annotate: dict = field(default_factory=dict, metadata={"command": "annotate", "filled": "apm input out"})
     """`steerlm annotate` settings (batch size, ...); `apm`, `input` and `out` are filled in."""
-    sft: dict = field(default_factory=dict)
+    sft: dict = field(default_factory=dict, metadata={"command": "sft", "filled": "data out overwrite"})
     """`steerlm sft` settings (model, template, train, lora, ...); `data` and `out` are filled in."""
-    bootstrap: dict = field(default_factory=dict)
+    bootstrap: dict = field(
+        default_factory=dict, metadata={"command": "bootstrap", "filled": "model apm data out overwrite"}
+    )
     """`steerlm bootstrap` settings (num_prompts, sft, ...); `model`, `apm`, `data` and `out` are filled in."""
     run_bootstrap: bool = True
     """Run step 4; without it the check uses the step-3 model."""

@@ -78,11 +78,22 @@ class Config:
     """Root folder; each stage writes a subfolder (data, sft, rm, ppo)."""
     data: DataArgs = field(default_factory=DataArgs)
     """Sources, split and demonstration choice."""
-    sft: dict[str, Any] = field(default_factory=dict)
+    sft: dict[str, Any] = field(
+        default_factory=dict, metadata={"command": "sft", "filled": "data out conditioning overwrite"}
+    )
     """`steerlm sft` settings (model, template, train, ...); `data`, `out`, `conditioning: none` are filled in."""
-    rm: dict[str, Any] = field(default_factory=dict)
+    rm: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={"command": "train-rm", "filled": "data val_data out overwrite skip_invalid lang"},
+    )
     """`steerlm train-rm` settings (model, pooling, train, ...); `data`, `val_data` and `out` are filled in."""
-    ppo: dict[str, Any] = field(default_factory=dict)
+    ppo: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={
+            "command": "ppo",
+            "filled": "policy reward_model reward_fn prompts eval_prompts ptx_data out overwrite resume",
+        },
+    )
     """`steerlm ppo` settings (train, ppo, sampling, ...); `policy`, `reward_model`, `prompts`, `eval_prompts`,
     `ptx_data` and `out` are filled in."""
 

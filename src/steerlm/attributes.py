@@ -189,7 +189,7 @@ def parse_assignment(text: str) -> tuple[str, int]:
     return name, int(value)
 
 
-# ---------------------------------------------------------------- computed attributes (issue #8)
+# ---------------------------------------------------------------- computed attributes (docs/steering.md)
 
 #: Attributes computed from the response text itself rather than labelled by people or an APM. They can sit beside
 #: the human attributes in the attribute string and are measured without an APM (steerability check).

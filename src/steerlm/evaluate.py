@@ -862,7 +862,7 @@ def _score_key(scorer: str, prompt: Prompt, answer: str) -> str:
 
 
 def computed_scorer(info: dict, attribute: str):
-    """The model's own measure of an attribute computed from the answer's text (issue #8: `verbosity`, by the length
+    """The model's own measure of an attribute computed from the answer's text (`verbosity`, by the length
     buckets in its steerlm_model.json), or None. Such an attribute is measured exactly, not by the APM."""
     computed = (info.get("meta") or {}).get("computed") or {}
     if attribute not in computed:

@@ -7,7 +7,7 @@
 
 Writes into `out`: `train.jsonl` and `val.jsonl` (VALUE_TO_TEXT records, for attribute-conditioned SFT),
 `train_t2v.jsonl` and `val_t2v.jsonl` (the same records as TEXT_TO_VALUE, for a generative APM), `config.yaml` and
-`stats.json`; with `computed: [verbosity]` also `computed.json` (the length-bucket edges, issue #8). All are
+`stats.json`; with `computed: [verbosity]` also `computed.json` (the length-bucket edges, docs/steering.md). All are
 written to a temporary folder first and moved into place only when all are complete.
 The split is by OASST tree (HH-RLHF: by pair; HelpSteer2: by prompt), never by conversation, since the paths of
 one tree share turns.

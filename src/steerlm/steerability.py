@@ -1,5 +1,5 @@
 """Does steering work? Generate at several requested levels of one attribute (others at defaults), measure the
-answers with an APM, and compare requested with measured levels (issue: steerability check; SPEC §8 toxicity).
+answers with an APM, and compare requested with measured levels (SPEC §8: the paper's toxicity steering).
 
 Used by `steerlm pipeline` (the short check at the end) and by the evaluation suite.
 """
@@ -98,7 +98,7 @@ def summarize_measurements(attribute: str, requested: Sequence[int], measured: S
     )
 
 
-# ---------------------------------------------------------------- computed attributes (issue #8): no APM needed
+# ---------------------------------------------------------------- computed attributes: no APM needed
 
 
 def measure_verbosity(text: str, buckets) -> int:

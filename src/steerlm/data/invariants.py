@@ -1,4 +1,4 @@
-"""The one check that the tokens a stage actually uses still mean something (issue #15).
+"""The one check that the tokens a stage actually uses still mean something.
 
 Text that passes every check as text can lose its meaning once it is tokenized and cut to a maximum length:
 - an SFT or generative-APM example whose trainable tokens were all cut off: nothing left to learn (SPEC §4, NeMo's

@@ -781,7 +781,7 @@ def _content_text(m: Message, where: str) -> str:
     for j, part in enumerate(m.content):
         if part.type != "text" or part.text is None:
             raise ApiError(422, f"{where}.content[{j}]: only text parts are supported, not {part.type!r}",
-                           param=f"{where}.content")  # fmt: skip
+                           param=f"{where}.content[{j}]")  # fmt: skip
         texts.append(part.text)
     return "".join(texts)
 

@@ -16,7 +16,7 @@ import requests
 from _serve_support import ATTRIBUTES, running, steerable_tiny, tiny_apm
 
 from steerlm.apm import load_apm
-from steerlm.data.records import DEFAULT_SYSTEM
+from steerlm.data.records import DEFAULT_SYSTEM, Record, Turn
 from steerlm.generate import Generator, SamplingArgs
 from steerlm.serve import Config
 
@@ -517,3 +517,32 @@ def test_concurrent_requests_share_batches_and_keep_answers(server, client):
 
     with ThreadPoolExecutor(len(prompts)) as pool:
         assert list(pool.map(together, prompts)) == alone
+
+
+# ---------------------------------------------------------------- counting and defaults (issue #15)
+
+
+def test_metrics_count_each_prompt_once_whatever_n(server, client, generator):
+    before = metrics(server)["prompt_tokens"]
+    resp = client.chat.completions.create(model="sft/best", messages=msgs("Count me once."), max_tokens=2, n=3)
+    expected = len(generator.prompt_ids(Record([Turn("User", "Count me once.")], generator.system),
+                                        generator.resolve_attributes({"humor": 2})))  # fmt: skip
+    assert resp.usage.prompt_tokens == expected
+    assert metrics(server)["prompt_tokens"] - before == expected  # main: 3x
+
+
+def test_nemo_default_tokens_to_generate_shrinks_to_the_room_left(tmp_path, generator):
+    folder = steerable_tiny(tmp_path / "short")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 96}))
+    short = Generator.load(str(folder))
+    prompt = "the sea " * 20
+    n_prompt = len(short.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    assert 96 - 64 < n_prompt < 96  # less room than NeMo's default of 64 tokens
+    with running(Config(model=str(folder)), short) as live:
+        body = {"sentences": [prompt], "greedy": True, "min_tokens_to_generate": 96 - n_prompt}
+        r = requests.put(live.url + "/generate", json=body, timeout=60)
+        assert r.status_code == 200, r.text  # main: 422 "plus tokens_to_generate (64) exceeds ..."
+        assert len(r.json()["token_ids"][0]) == 96
+        r = requests.put(live.url + "/generate", json={**body, "tokens_to_generate": 64}, timeout=60)
+        assert r.status_code == 422 and "tokens_to_generate (64)" in r.json()["error"]["message"]

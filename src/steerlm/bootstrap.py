@@ -22,6 +22,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from steerlm import config as config_lib
+from steerlm import model_card
 from steerlm.attributes import AttributeSchema
 from steerlm.data.records import ASSISTANT, USER, Record, Turn, read_records, write_records
 from steerlm.errors import UserError
@@ -232,4 +233,8 @@ def main(cfg: Config) -> dict:
     if cfg.finetune:
         report["sft"] = finetune(cfg, records_file, out)
         write_json(out / "report.json", report)
+        best = Path(report["sft"].get("best_dir") or out / "sft" / "best")
+        if (best / "steerlm_model.json").is_file():  # the card says the model was bootstrapped, with the report
+            notes = {k: report[k] for k in ("n", "measured_quality_mean") if k in report}
+            model_card.write(best, stage="bootstrap", notes={f"bootstrap {k}": v for k, v in notes.items()})
     return report

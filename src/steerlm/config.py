@@ -80,8 +80,15 @@ class TrainArgs:
     """Save a resumable checkpoint every N optimiser steps (and at each epoch end)."""
     lora: LoraArgs = dataclasses.field(default_factory=LoraArgs)
     """LoRA settings (r = 0: full fine-tuning)."""
+    report_to: str = "none"
+    """Experiment trackers that also get the metrics.jsonl rows: 'none', 'tensorboard' (events under
+    <out>/tensorboard), 'wandb' (set WANDB_MODE=offline to keep the run on disk) or 'tensorboard,wandb'; needs
+    `pip install 'steerlm[tracking]'` (docs/sft.md)."""
 
     def __post_init__(self):
+        from steerlm.tracking import parse
+
+        parse(self.report_to)  # ValueError names the accepted values
         if self.epochs <= 0 and self.max_steps <= 0:
             raise ValueError("one of epochs or max_steps must be positive")
         for name in ("batch_size", "grad_accum", "max_length"):

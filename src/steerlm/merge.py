@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from steerlm import config as config_lib
-from steerlm import models
+from steerlm import model_card, models
 from steerlm.errors import UserError
 
 META = "steerlm_model.json"
@@ -57,6 +57,8 @@ def main(cfg: Config) -> dict:
     merged, tokenizer, meta = merge(cfg.adapter, cfg.dtype or None)
     models.save_model(merged, tokenizer, out, META if meta is not None else None, meta)
     config_lib.save(cfg, out)
+    # The card tells how the adapter was trained (its run's config and summary), now as a standalone model.
+    model_card.write(out, origin=cfg.adapter, notes={"merged from adapter": cfg.adapter})
     n = sum(p.numel() for p in merged.parameters())
     print(f"merge: {cfg.adapter} + base -> {out} ({n / 1e6:.1f}M parameters)")
     return {"out": str(out), "parameters": n, "meta": meta}

@@ -39,7 +39,9 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from steerlm import model_card
 from steerlm.config import LoraArgs
+from steerlm.data import chat_template
 from steerlm.errors import UserError
 from steerlm.io import write_json
 
@@ -290,6 +292,10 @@ def _load_tokenizer(src: str, name: str):
 
 
 def _finish_tokenizer(tokenizer, name: str | None = None):
+    # A steerlm folder's chat template renders the SteerLM prompt for other engines; steerlm builds its prompts
+    # itself (data/templates.py) on the base model's template, which that template carries.
+    if isinstance(getattr(tokenizer, "chat_template", None), str):
+        tokenizer.chat_template = chat_template.base_template(tokenizer.chat_template)
     if tokenizer.pad_token is None:
         # Padding positions are masked by attention and labels, so reusing EOS is safe (and SmolLM2 does the same).
         if tokenizer.eos_token is not None:
@@ -528,9 +534,12 @@ def save_model(model, tokenizer, folder: str | Path, meta_name: str | None = Non
             warnings.filterwarnings("ignore", message="Could not find a config file")
             model.save_pretrained(tmp)
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+            _save_tokenizer(tokenizer, tmp, meta_name, meta)
         if meta_name is not None:
             write_json(tmp / meta_name, meta if meta is not None else {})
+        # The model card (README.md) from the meta and the run's config; a stage rewrites it with its summary.
+        shown = folder.parent if folder.name.startswith(".") and folder.name.endswith(".tmp") else folder
+        model_card.write(tmp, meta_name=meta_name, meta=meta, origin=folder, display=shown)
         if folder.exists():
             # A folder cannot be renamed over a non-empty one: move the old one aside first, drop it after.
             old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".old", dir=folder.parent))
@@ -545,6 +554,18 @@ def save_model(model, tokenizer, folder: str | Path, meta_name: str | None = Non
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     return folder
+
+
+def _save_tokenizer(tokenizer, folder: Path, meta_name: str | None, meta: dict | None) -> None:
+    """Save the tokenizer; a SteerLM model's carries the chat template that renders steerlm's prompt with the
+    attribute line (data/chat_template.py), set for the save only (the caller's tokenizer keeps its own)."""
+    original = getattr(tokenizer, "chat_template", None)
+    try:
+        if meta_name == "steerlm_model.json" and meta is not None:
+            chat_template.install(tokenizer, meta)
+        tokenizer.save_pretrained(folder)
+    finally:
+        tokenizer.chat_template = original
 
 
 def read_meta(folder: str | Path, meta_name: str) -> dict:

@@ -45,7 +45,7 @@ from torch import nn
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
 from steerlm import config as config_lib
-from steerlm import models, train
+from steerlm import model_card, models, tracking, train
 from steerlm.attributes import AttributeSchema
 from steerlm.config import TrainArgs
 from steerlm.data import preferences, templates
@@ -614,7 +614,8 @@ def main(cfg: Config, reward_fn: RewardFn | None = None) -> dict:
         kl_ctl.value, step = state["kl_coef"], state["step"]
         print(f"ppo: resuming from step {step}", flush=True)
     config_lib.save(cfg, out)
-    log = train.MetricsLog(out / train.METRICS, step if ckpt is not None else None)
+    trackers = tracking.start(targs.report_to, out, "ppo", dataclasses.asdict(targs))
+    log = train.MetricsLog(out / train.METRICS, step if ckpt is not None else None, trackers=trackers)
     before_file = out / "samples_before.jsonl"
     if eval_prompts and not before_file.exists():
         before = greedy_answers(gen, eval_prompts, cfg.sampling.max_new_tokens, reference)
@@ -697,6 +698,7 @@ def main(cfg: Config, reward_fn: RewardFn | None = None) -> dict:
                                   "scheduler": scheduler.state_dict()})  # fmt: skip
 
     # 3. answers after training, curves, and the policy as a standalone model folder
+    log.close()
     rows = [json.loads(x) for x in (out / train.METRICS).read_text().splitlines() if x.strip()]
     plot_curves(rows, out / "curves.png")
     samples = []
@@ -733,6 +735,7 @@ def main(cfg: Config, reward_fn: RewardFn | None = None) -> dict:
         "seconds": round(time.time() - start, 1),
     }
     write_json(out / "summary.json", summary)
+    model_card.write(out, summary=summary)
     fmt = lambda v: "n/a" if v is None else f"{v:+.3f}"  # noqa: E731
     print(f"ppo: {step} steps in {summary['seconds']:.0f} s; mean reward {fmt(summary['reward_first'])} (first 3 "
           f"steps) -> {fmt(summary['reward_last'])} (last 3), KL {fmt(summary['kl_last'])}; greedy answers to "

@@ -9,6 +9,7 @@ skipped).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -24,6 +25,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from steerlm import tracking
 from steerlm.config import TrainArgs
 from steerlm.errors import UserError
 
@@ -110,10 +112,13 @@ def log_line(step: int, total: int, metrics: dict) -> str:
 
 
 class MetricsLog:
-    """Append-only JSONL of metrics; on resume, lines after the checkpoint's step are dropped (no duplicates)."""
+    """Append-only JSONL of metrics; on resume, lines after the checkpoint's step are dropped (no duplicates). Each
+    row also goes to the experiment trackers given (`tracking.start`; TensorBoard, W&B)."""
 
-    def __init__(self, path: Path, resume_step: int | None, enabled: bool = True):
+    def __init__(self, path: Path, resume_step: int | None, enabled: bool = True,
+                 trackers: tracking.Trackers | None = None):  # fmt: skip
         self.path, self.enabled = path, enabled
+        self.trackers = trackers if enabled else None
         if not enabled:
             return
         kept = []
@@ -125,6 +130,13 @@ class MetricsLog:
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
+            if self.trackers is not None:
+                self.trackers.log(row)
+
+    def close(self) -> None:
+        """End the trackers' runs (flushes TensorBoard's event file, finishes the W&B run)."""
+        if self.trackers is not None:
+            self.trackers.finish()
 
 
 def _save_checkpoint(accelerator: Accelerator, out: Path, state: dict) -> None:
@@ -194,7 +206,9 @@ def fit(
         accelerator.load_state(str(ckpt))
         state = json.loads((ckpt / "trainer_state.json").read_text())
         accelerator.print(f"{desc}: resuming from step {state['step']} (epoch {state['epoch']})")
-    log = MetricsLog(out / METRICS, state["step"] if ckpt is not None else None, accelerator.is_main_process)
+    trackers = (tracking.start(args.report_to, out, desc, dataclasses.asdict(args))
+                if accelerator.is_main_process else None)  # fmt: skip
+    log = MetricsLog(out / METRICS, state["step"] if ckpt is not None else None, accelerator.is_main_process, trackers)
 
     def run_eval() -> dict:
         if evaluate is None:
@@ -269,6 +283,7 @@ def fit(
     if evaluate is not None and state.get("eval_step") != state["step"]:
         last_eval = run_eval()
     _save_checkpoint(accelerator, out, state)
+    log.close()
     summary = {"steps": state["step"], "epochs": round(state["step"] / steps_per_epoch, 2), "best": state["best"], "best_step": state["best_step"],
                "seconds": round(time.time() - start, 1), **{f"last_{k}": v for k, v in last_eval.items()}}  # fmt: skip
     return summary

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
+from steerlm.data import invariants
 from steerlm.data.records import ASSISTANT, TEXT_TO_VALUE, USER, VALUE_TO_TEXT, Record, Turn
 from steerlm.errors import UserError
 
@@ -22,7 +23,7 @@ S, T, L = "<extra_id_0>", "<extra_id_1>", "<extra_id_2>"
 STYLES = ("nemo", "chat")
 #: Marker in front of the attribute string inside an assistant message (chat style).
 ATTR_MARKER = "<attributes>"
-IGNORE_INDEX = -100
+IGNORE_INDEX = invariants.IGNORE_INDEX
 #: A turn whose `extra` has `no_loss: true` stays in the context but is masked like a user turn (SFT's
 #: `min_quality` filter keeps low-quality answers as history without learning them).
 NO_LOSS = "no_loss"
@@ -227,7 +228,7 @@ def encode(record: Record, tokenizer, style: str = "nemo", max_length: int | Non
         labels += ids if seg.trainable else [IGNORE_INDEX] * len(ids)
     if max_length is not None:
         input_ids, labels = input_ids[:max_length], labels[:max_length]
-    if all(x == IGNORE_INDEX for x in labels):
+    if invariants.nothing_to_learn(labels):  # the check every stage shares
         return None
     return {"input_ids": input_ids, "labels": labels}
 
@@ -238,7 +239,7 @@ def encode_all(records, tokenizer, style: str = "nemo", max_length: int | None =
     for r in records:
         ex = encode(r, tokenizer, style, max_length, add_bos)
         if ex is None:
-            dropped["no trainable tokens after truncation"] += 1
+            dropped[invariants.NOTHING_TO_LEARN] += 1
         else:
             out.append(ex)
     return out, dropped

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from steerlm import cli, models, prepare, sft, train
+from steerlm import cli, conditioning, models, prepare, sft, train
 from steerlm.attributes import AttributeSchema, LengthBuckets, word_count
 from steerlm.data import templates
 from steerlm.data.records import Record, Turn, read_records, write_records
@@ -239,8 +239,8 @@ def test_generate_command_takes_guidance_scale(lm, tmp_path, capsys):
 
 def test_label_dropout_gives_the_unconditional_rendering_for_the_expected_fraction():
     records = [Record([Turn("User", f"q{i}"), Turn("Assistant", f"a{i}", "quality:5")]) for i in range(2000)]
-    dropped, n = sft.drop_labels(records, 0.25, seed=3)
-    assert sft.drop_labels(records, 0.25, seed=3)[1] == n and abs(n - 500) < 70  # seeded, ~25 %
+    dropped, n = conditioning.drop_labels(records, 0.25, seed=3)
+    assert conditioning.drop_labels(records, 0.25, seed=3)[1] == n and abs(n - 500) < 70  # seeded, ~25 %
     unconditional = 0
     for original, r in zip(records, dropped, strict=True):
         text = templates.render(r, "nemo")
@@ -252,12 +252,12 @@ def test_label_dropout_gives_the_unconditional_rendering_for_the_expected_fracti
             assert text == templates.render(original, "nemo")
     assert unconditional == n
     assert records[0].conversations[1].label == "quality:5"  # the input is not modified
-    assert sft.drop_labels(records, 0.0, seed=3)[1] == 0
+    assert conditioning.drop_labels(records, 0.0, seed=3)[1] == 0
 
 
 def test_sibling_replies_share_a_batch_and_rare_levels_are_oversampled():
     records = synthetic_records(10)
-    keys = [sft.sibling_key(r, i) for i, r in enumerate(records)]
+    keys = [conditioning.sibling_key(r, i) for i, r in enumerate(records)]
     assert len(set(keys)) == 10 and keys[0] == keys[1] == keys[2] == "id:u0"
     for epoch in range(3):
         for batch_size in (3, 4, 8):
@@ -269,10 +269,12 @@ def test_sibling_replies_share_a_batch_and_rare_levels_are_oversampled():
                 assert len({where[i] for i, g in enumerate(keys) if g == k}) == 1  # siblings in one batch
     # without message ids the prompt text groups siblings
     bare = [Record([Turn(t.role, t.value, t.label) for t in r.conversations]) for r in records]
-    assert [sft.sibling_key(r, i) for i, r in enumerate(bare)][:3] == [sft.sibling_key(bare[0], 0)] * 3
-    copies = sft.oversample_copies(records, SCHEMA, 3)
+    assert [conditioning.sibling_key(r, i) for i, r in enumerate(bare)][:3] == [
+        conditioning.sibling_key(bare[0], 0)
+    ] * 3
+    copies = conditioning.oversample_copies(records, SCHEMA, 3)
     assert copies[0] == 3 and Counter(copies[1:]) == {1: len(records) - 1}  # only the rare humor:9 is repeated
-    assert sft.oversample_copies(records, SCHEMA, 1) == [1] * len(records)
+    assert conditioning.oversample_copies(records, SCHEMA, 1) == [1] * len(records)
 
 
 def test_flip_gap_is_logged_at_each_validation(prepared, capsys):
@@ -300,9 +302,9 @@ def test_steer_preset_builds_every_stage():
 
 def test_flip_records_mirror_levels():
     record = Record([Turn("User", "q"), Turn("Assistant", "a", "quality:7,humor:0")])
-    (flipped,) = sft.flip_records([record], SCHEMA)
+    (flipped,) = conditioning.flip_records([record], SCHEMA)
     assert flipped.conversations[1].label == "quality:2,humor:9"
-    (one,) = sft.flip_records([record], SCHEMA, ("humor",))
+    (one,) = conditioning.flip_records([record], SCHEMA, ("humor",))
     assert one.conversations[1].label == "quality:7,humor:9"
 
 

@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval-apm": ("steerlm.apm_eval", "Evaluate an APM against held-out human labels"),
     "annotate": ("steerlm.annotate", "Label assistant turns of a conversation file with an APM (step 2)"),
     "sft": ("steerlm.sft", "Attribute-conditioned (or plain) supervised fine-tuning (step 3)"),
+    "readout": ("steerlm.readout", "The model's own attribute read-out: does it read its attribute line?"),
     "merge": ("steerlm.merge", "Merge a LoRA adapter into a standalone model folder"),
     "bootstrap": ("steerlm.bootstrap", "Sample, re-annotate and fine-tune again (step 4)"),
     "generate": ("steerlm.generate", "Generate answers at chosen attribute values"),

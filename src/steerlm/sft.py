@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import shutil
 from collections import Counter
 from dataclasses import dataclass, field
@@ -28,23 +27,13 @@ from functools import partial
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
+from steerlm import conditioning, models, train
 from steerlm import config as config_lib
-from steerlm import models, train
-from steerlm.attributes import (
-    COMPUTED,
-    NAMED_SETS,
-    AttributeSchema,
-    LengthBuckets,
-    computed_from_dict,
-    computed_to_dict,
-    flip_levels,
-    with_computed,
-)
+from steerlm.attributes import COMPUTED, NAMED_SETS, AttributeSchema, LengthBuckets, computed_to_dict
+from steerlm.conditioning import ConditioningLossArgs
 from steerlm.config import TrainArgs
 from steerlm.data import templates
-from steerlm.data.collate import collate_lm
 from steerlm.data.records import ASSISTANT, VALUE_TO_TEXT, Record, Turn, read_records
 from steerlm.errors import UserError
 from steerlm.io import write_json
@@ -81,7 +70,8 @@ class Config:
     """Attributes kept in the attribute string (a list, or a named set: steerable, paper, helpsteer); default:
     every attribute found in the training data."""
     levels: int = 0
-    """Levels per attribute, L (labels run 0..L-1); 0: the base steerlm model's schema, else 10 (SPEC §1)."""
+    """Levels per attribute, L (labels run 0..L-1); 0: the base steerlm model's schema, else the data folder's
+    (`levels` in its stats.json, written by `steerlm prepare`/`annotate`), else 10 (SPEC §1)."""
     min_quality: int = -1
     """Train only on assistant turns whose quality label is >= this level (others stay as context; turns without a
     quality label are not trained on); -1 keeps every quality level, as SteerLM does."""
@@ -105,6 +95,13 @@ class Config:
     """Validation records used for flip_gap (the first N with labels; 0: all)."""
     flip_each: bool = False
     """Also log `flip_gap_<name>`, mirroring one attribute at a time (one more validation pass per attribute)."""
+    conditioning_loss: ConditioningLossArgs = field(default_factory=ConditioningLossArgs)
+    """The discriminative term that makes the model read the attribute line (GeDi §3.1; docs/steering.md):
+    `weight` (lambda, 0: plain NLL) and `distance_power` (how corrupted levels are drawn)."""
+    readout_examples: int = 16
+    """Held-out answers of the model's own attribute read-out at each validation (`conditioning.readout`: the
+    posterior over each attribute's levels from the answer's likelihood under every level; costs examples x
+    attributes x L forward passes); 0: off."""
     skip_invalid: bool = False
     """Count and skip malformed records instead of stopping at the first."""
     dtype: str = ""
@@ -167,6 +164,16 @@ def data_files(cfg: Config) -> tuple[Path, Path | None]:
     return train_file, val
 
 
+def data_levels(train_file: Path) -> int:
+    """L of the labels in a `steerlm prepare`/`annotate` folder (its stats.json), or 0 when it does not say: the
+    labels of a folder prepared with `--levels=5` must not be read on a 10-level scale."""
+    stats = train_file.parent / "stats.json"
+    try:
+        return int(json.loads(stats.read_text(encoding="utf-8")).get("levels") or 0) if stats.is_file() else 0
+    except (ValueError, TypeError, AttributeError):
+        return 0
+
+
 def _label_keys(label: str) -> list[str]:
     return [part.partition(":")[0] for part in label.split(",") if part]
 
@@ -223,149 +230,6 @@ def build_examples(records: list[Record], tokenizer, style: str, max_length: int
     return templates.encode_all(records, tokenizer, style, max_length)
 
 
-# ---------------------------------------------------------------- steering levers (issue #8, docs/steering.md)
-
-#: Length-bucket edges written by `steerlm prepare --computed=verbosity` beside train.jsonl.
-COMPUTED_FILE = "computed.json"
-
-
-def computed_buckets(names: list[str], *, meta: dict | None, data_folder: Path, train_records: list[Record],
-                     levels: int) -> tuple[dict[str, LengthBuckets], dict[str, str]]:  # fmt: skip
-    """Bucket edges of computed attributes: those of `names`, plus any in the data folder's computed.json (labels
-    from `steerlm prepare --computed`). Sources in order: the base steerlm model (continued training keeps its
-    edges), the data folder, a fit on the training responses. Returns (name -> buckets, name -> source)."""
-    sources = []
-    if meta and meta.get("computed"):
-        sources.append(("base model", computed_from_dict(meta["computed"])))
-    data_file = data_folder / COMPUTED_FILE
-    if data_file.is_file():
-        try:
-            sources.append((str(data_file), computed_from_dict(json.loads(data_file.read_text(encoding="utf-8")))))
-        except (ValueError, KeyError, TypeError) as e:
-            raise UserError(f"bad computed attributes file: {e}", file=str(data_file)) from None
-    wanted = list(dict.fromkeys(names + [n for _, found in sources for n in found]))
-    out, origin = {}, {}
-    for name in wanted:
-        for where, found in sources:
-            if name in found and found[name].levels == levels:
-                out[name], origin[name] = found[name], where
-                break
-        else:
-            if name in names:
-                texts = [t.value for r in train_records for t in r.assistant_turns]
-                out[name], origin[name] = LengthBuckets.fit(texts, levels), "fitted on the training responses"
-    return out, origin
-
-
-def add_computed_labels(records: list[Record], computed: dict[str, LengthBuckets], levels: int) -> None:
-    """Set the computed attributes of every assistant turn from its text, in place (other labels kept)."""
-    if not computed:
-        return
-    for r in records:
-        for t in r.assistant_turns:
-            t.label = with_computed(t.label, t.value, computed, levels)
-
-
-def _trained_turns(record: Record) -> list[int]:
-    """Indices of the assistant turns the loss falls on (SPEC §4: never the first turn; not `no_loss` turns)."""
-    return [j for j, t in enumerate(record.conversations)
-            if j > 0 and t.role == ASSISTANT and not t.extra.get(templates.NO_LOSS)]  # fmt: skip
-
-
-def drop_labels(records: list[Record], fraction: float, seed: int) -> tuple[list[Record], int]:
-    """Copies of `records` where each trained, labelled assistant turn loses its attribute line with probability
-    `fraction` (seeded): the model learns the unconditional answer too, the neutral condition of attribute guidance
-    (`templates.inference_segments(record, None)`). Returns (records, turns dropped)."""
-    rng = random.Random(seed * 7919 + 17)
-    out, dropped = [], 0
-    for r in records:
-        trained = set(_trained_turns(r))
-        turns = []
-        for j, t in enumerate(r.conversations):
-            label = t.label
-            if fraction > 0 and j in trained and label is not None and rng.random() < fraction:
-                label, dropped = None, dropped + 1
-            turns.append(Turn(t.role, t.value, label, dict(t.extra)))
-        out.append(Record(turns, r.system, r.mask, r.type, dict(r.extra)))
-    return out, dropped
-
-
-def sibling_key(record: Record, index: int) -> str:
-    """The batch group of a record: the parent message of its last trained answer (OASST `message_id` of the user
-    turn before it, else that conversation prefix's text), so sibling replies to one prompt, often with different
-    labels, are learned side by side."""
-    trained = _trained_turns(record)
-    if not trained:
-        return f"record:{index}"
-    last = trained[-1]
-    parent = record.conversations[last - 1]
-    if parent.extra.get("message_id"):
-        return f"id:{parent.extra['message_id']}"
-    import hashlib
-
-    prefix = json.dumps([record.system] + [(t.role, t.value) for t in record.conversations[:last]])
-    return "text:" + hashlib.sha1(prefix.encode("utf-8")).hexdigest()
-
-
-def oversample_copies(records: list[Record], schema: AttributeSchema, max_copies: int) -> list[int]:
-    """How many times each record is used: rare attribute levels (of its last trained answer) are repeated,
-    round(sqrt(count of the attribute's commonest level / count of its level)), largest over attributes, capped at
-    `max_copies`. Computed attributes with quantile buckets are near-uniform and so get ~1."""
-    if max_copies <= 1:
-        return [1] * len(records)
-    last_levels = []
-    for r in records:
-        trained = _trained_turns(r)
-        label = r.conversations[trained[-1]].label if trained else None
-        last_levels.append(schema.parse(label) if label else {})
-    counts: dict[str, Counter] = {}
-    for levels in last_levels:
-        for k, v in levels.items():
-            counts.setdefault(k, Counter())[v] += 1
-    copies = []
-    for levels in last_levels:
-        weight = max((math.sqrt(max(counts[k].values()) / counts[k][v]) for k, v in levels.items()), default=1.0)
-        copies.append(max(1, min(max_copies, round(weight))))
-    return copies
-
-
-def flip_records(records: list[Record], schema: AttributeSchema, names: tuple[str, ...] | None = None) -> list[Record]:
-    """`records` with the levels of `names` (default: all) mirrored, q -> L-1-q, in every assistant label."""
-    out = []
-    for r in records:
-        turns = []
-        for t in r.conversations:
-            label = t.label
-            if t.role == ASSISTANT and label:
-                levels = schema.parse(label)
-                flipped = flip_levels({k: v for k, v in levels.items() if names is None or k in names},
-                                      schema.max_level)  # fmt: skip
-                label = schema.render({**levels, **flipped})
-            turns.append(Turn(t.role, t.value, label, dict(t.extra)))
-        out.append(Record(turns, r.system, r.mask, r.type, dict(r.extra)))
-    return out
-
-
-def flip_sets(records: list[Record], schema: AttributeSchema, tokenizer, style: str, max_length: int, limit: int,
-              each: bool) -> tuple[list[dict], dict[str, list[dict]]]:  # fmt: skip
-    """Validation examples for the flip-gap check: (true examples, {metric name: flipped examples}) over the first
-    `limit` records with a labelled trained answer; `flip_gap` mirrors every attribute, `flip_gap_<name>` one."""
-    chosen = [r for r in records if any(r.conversations[j].label for j in _trained_turns(r))]
-    chosen = chosen[:limit] if limit > 0 else chosen
-    variants = {"flip_gap": None} | ({f"flip_gap_{n}": (n,) for n in schema.names} if each else {})
-    true, flipped = [], {k: [] for k in variants}
-    for r in chosen:
-        ex = templates.encode(r, tokenizer, style, max_length)
-        alts = {k: templates.encode(flip_records([r], schema, names)[0], tokenizer, style, max_length)
-                for k, names in variants.items()}  # fmt: skip
-        if ex is None or any(a is None for a in alts.values()):
-            continue
-        true.append(ex)
-        for k, a in alts.items():
-            flipped[k].append(a)
-    return true, flipped
-
-
 def encode_records(records: list[Record], tokenizer, style: str, max_length: int,
                    count: list[bool] | None = None) -> tuple[list[dict], list[int], Counter]:  # fmt: skip
     """As `build_examples`, also returning the index of each example's record; `count[i]` False leaves a dropped
@@ -409,42 +273,27 @@ def load_model(cfg: Config, accelerator):
 # ---------------------------------------------------------------- 3. training
 
 
-def lm_loss(model, batch: dict) -> tuple[torch.Tensor, dict]:
-    """Mean cross-entropy over trainable tokens (labels -100 elsewhere)."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
-    return out.loss, {}
-
-
-def loss_sums(model, examples: list[dict], collate, batch_size: int, accelerator) -> torch.Tensor:
-    """(summed cross-entropy, trainable tokens) over `examples`: each process takes a share, the sums are reduced."""
-    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
-    shard = examples[accelerator.process_index :: accelerator.num_processes]
-    for start in range(0, len(shard), batch_size):
-        batch = {k: v.to(accelerator.device) for k, v in collate(shard[start : start + batch_size]).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        labels = batch["labels"][:, 1:]
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
-                               ignore_index=templates.IGNORE_INDEX, reduction="sum")  # fmt: skip
-        total += torch.stack([loss.double(), (labels != templates.IGNORE_INDEX).sum().double()])
-    return accelerator.reduce(total, reduction="sum")
-
-
 def make_evaluate(examples: list[dict], collate, batch_size: int, accelerator,
-                  flips: tuple[list[dict], dict[str, list[dict]]] | None = None):  # fmt: skip
-    """Validation loss per trainable token over all of `examples`. With `flips` (from `flip_sets`), also the
-    flip gaps: per-token loss under the mirrored attribute strings minus under the true ones, on the same answers."""
+                  flips: tuple[list[dict], dict[str, list[dict]]] | None = None, readout_fn=None):  # fmt: skip
+    """Validation loss per trainable token over all of `examples`. With `flips` (`conditioning.flip_sets`), also the
+    flip gaps; with `readout_fn(model) -> dict`, the model's own attribute read-out (`conditioning.readout`), logged
+    flat as `readout_<attribute>_<metric>`."""
 
     def evaluate(model) -> dict:
-        total = loss_sums(model, examples, collate, batch_size, accelerator)
+        total = conditioning.loss_sums(model, examples, collate, batch_size, accelerator)
         val_loss = float(total[0] / total[1]) if total[1] > 0 else float("nan")
         metrics = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)), "val_tokens": int(total[1])}
         if flips and flips[0]:
-            true = loss_sums(model, flips[0], collate, batch_size, accelerator)
-            for name, flipped in flips[1].items():
-                other = loss_sums(model, flipped, collate, batch_size, accelerator)
-                metrics[name] = float(other[0] / other[1] - true[0] / true[1])
+            metrics.update(conditioning.flip_gaps(model, flips, collate, batch_size, accelerator))
             accelerator.print("flip gap (loss with mirrored attributes - loss with true ones, per token): "
                               + ", ".join(f"{k} {v:+.4f}" for k, v in metrics.items() if k.startswith("flip_gap")))  # fmt: skip
+        if readout_fn is not None:
+            result = readout_fn(model)
+            accelerator.print("attribute read-out (the model as its own APM, held-out answers):\n"
+                              + conditioning.format_readout(result))  # fmt: skip
+            for name, r in result.items():
+                for k in ("spearman", "accuracy", "within1"):
+                    metrics[f"readout_{name}_{k}"] = r[k]
         return metrics
 
     return evaluate
@@ -486,16 +335,18 @@ def run(cfg: Config) -> tuple[dict, torch.nn.Module]:
     if not train_records:
         raise UserError("no training records", file=str(train_file))
     meta = base_meta(cfg.model)
-    levels = cfg.levels or ((meta.get("attributes") or {}).get("levels") if meta else 0) or 10
+    levels = (
+        cfg.levels or ((meta.get("attributes") or {}).get("levels") if meta else 0) or data_levels(train_file) or 10
+    )
     computed: dict[str, LengthBuckets] = {}
     wanted: dict[str, LengthBuckets] = {}
     if cfg.conditioning == "attributes":  # computed attributes (verbosity) are set from the answers' text
         # a steerlm base model's computed attributes are set again too (bootstrap's round: APM labels lack them)
         to_set = list(dict.fromkeys(cfg.computed + list((meta or {}).get("computed") or {})))
-        computed, origin = computed_buckets(to_set, meta=meta, data_folder=train_file.parent,
+        computed, origin = conditioning.computed_buckets(to_set, meta=meta, data_folder=train_file.parent,
                                             train_records=train_records, levels=levels)  # fmt: skip
         wanted = {n: computed[n] for n in to_set}
-        add_computed_labels(train_records + val_records, wanted, levels)
+        conditioning.add_computed_labels(train_records + val_records, wanted, levels)
         for n, b in computed.items():
             say(f"sft: computed attribute {n}: {b.unit} edges {list(b.edges)} ({origin[n]})")
     data = data_schema(train_records + val_records, levels, str(train_file))
@@ -523,18 +374,22 @@ def run(cfg: Config) -> tuple[dict, torch.nn.Module]:
 
     # steering levers (docs/steering.md): oversample rare levels, drop some attribute lines, group siblings
     levers: dict = {}
-    copies = oversample_copies(train_records, schema, cfg.oversample_max) if schema else [1] * len(train_records)
+    copies = (
+        conditioning.oversample_copies(train_records, schema, cfg.oversample_max)
+        if schema
+        else [1] * len(train_records)
+    )
     if cfg.oversample_max > 1:
         levers["oversampled extra copies"] = sum(c - 1 for c in copies)
     plan_records, plan_keys, first_copy = [], [], []
     for i, (r, c) in enumerate(zip(train_records, copies, strict=True)):
-        key = sibling_key(r, i) if cfg.group_siblings else None
+        key = conditioning.sibling_key(r, i) if cfg.group_siblings else None
         for k in range(c):
             plan_records.append(r)
             plan_keys.append(key if k == 0 else f"{key}#copy{k}")
             first_copy.append(k == 0)
     if schema is not None and cfg.label_dropout > 0:
-        plan_records, n_dropped = drop_labels(plan_records, cfg.label_dropout, cfg.train.seed)
+        plan_records, n_dropped = conditioning.drop_labels(plan_records, cfg.label_dropout, cfg.train.seed)
         levers["answers without attribute line (label_dropout)"] = n_dropped
 
     # 2. model and template
@@ -546,6 +401,15 @@ def run(cfg: Config) -> tuple[dict, torch.nn.Module]:
     groups = [plan_keys[i] for i in kept] if cfg.group_siblings else None
     if groups is not None:
         levers["sibling groups"] = len(set(groups))
+    # the discriminative term's twins: the same answers under an attribute line with one attribute moved
+    weight = cfg.conditioning_loss.weight if schema is not None else 0.0
+    if weight > 0:
+        twins = conditioning.corrupt_records([plan_records[i] for i in kept], schema, cfg.train.seed,
+                                             cfg.conditioning_loss.distance_power)  # fmt: skip
+        for n, twin in enumerate(twins):
+            alt = templates.encode(twin, tokenizer, style, cfg.train.max_length) if twin is not None else None
+            train_examples[n] = conditioning.pair_example(train_examples[n], alt)
+        levers["answers with a corrupted twin (conditioning_loss)"] = sum("alt_input_ids" in e for e in train_examples)
     val_examples, val_dropped = build_examples(val_records, tokenizer, style, cfg.train.max_length)
     if not train_examples:
         raise UserError(f"no training example left after encoding ({dict(dropped)})", file=str(train_file))
@@ -573,18 +437,31 @@ def run(cfg: Config) -> tuple[dict, torch.nn.Module]:
         out_meta["computed"] = computed_to_dict(kept_computed)
     if schema is not None and cfg.label_dropout > 0:
         out_meta["label_dropout"] = cfg.label_dropout  # the unconditional prompt was trained (attribute guidance)
+    if weight > 0:
+        out_meta["conditioning_loss"] = {"weight": weight, "distance_power": cfg.conditioning_loss.distance_power}
 
     def save_best(m, metrics: dict) -> None:
         models.save_model(m, tokenizer, out / BEST, META, out_meta)
 
-    collate = partial(collate_lm, pad_id=tokenizer.pad_token_id)
+    collate = partial(conditioning.collate_pairs, pad_id=tokenizer.pad_token_id)
     flips = None
     if schema is not None and cfg.flip_gap and val_records:
-        flips = flip_sets(val_records, schema, tokenizer, style, cfg.train.max_length, cfg.flip_gap_examples,
-                          cfg.flip_each)  # fmt: skip
-    evaluate = (make_evaluate(val_examples, collate, cfg.train.batch_size, accelerator, flips)
+        flips = conditioning.flip_sets(val_records, schema, tokenizer, style, cfg.train.max_length,
+                                       cfg.flip_gap_examples, cfg.flip_each)  # fmt: skip
+    readouts: list[dict] = []
+    readout_fn = None
+    items = conditioning.readout_items(val_records, schema, limit=cfg.readout_examples) if schema else []
+    if items and cfg.readout_examples > 0:
+
+        def readout_fn(m) -> dict:
+            readouts.append(conditioning.readout(m, tokenizer, items, schema, style, cfg.train.max_length,
+                                                 2 * cfg.train.batch_size, accelerator.device))  # fmt: skip
+            return readouts[-1]
+
+    evaluate = (make_evaluate(val_examples, collate, cfg.train.batch_size, accelerator, flips, readout_fn)
                 if val_examples else None)  # fmt: skip
-    summary = train.fit(model, train_examples, collate, lm_loss, cfg.train, out, evaluate=evaluate,
+    loss_fn = partial(conditioning.conditioned_lm_loss, weight=weight)
+    summary = train.fit(model, train_examples, collate, loss_fn, cfg.train, out, evaluate=evaluate,
                         save_best=save_best, resume=cfg.resume, groups=groups, desc="sft",
                         accelerator=accelerator)  # fmt: skip
     trained = accelerator.unwrap_model(model)
@@ -595,7 +472,8 @@ def run(cfg: Config) -> tuple[dict, torch.nn.Module]:
     summary.update(train_records=len(train_records), val_records=len(val_records), train_examples=len(train_examples),
                    val_examples=len(val_examples), dropped=notes, num_processes=accelerator.num_processes,
                    template=style, conditioning=cfg.conditioning, attributes=out_meta["attributes"], lora=lora,
-                   best_dir=str(out / BEST), steering=levers)  # fmt: skip
+                   best_dir=str(out / BEST), steering=levers, conditioning_loss=out_meta.get("conditioning_loss"),
+                   readout=readouts[-1] if readouts else None)  # fmt: skip
     if accelerator.is_main_process:
         write_json(out / SUMMARY, summary)
     best = "n/a" if summary.get("best") is None else f"{summary['best']:.4f} at step {summary['best_step']}"

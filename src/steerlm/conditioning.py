@@ -1,0 +1,460 @@
+"""Everything that teaches a model to read the attribute line (SteerLM step 3, docs/steering.md), in one place.
+
+    steerlm sft --data=runs/x/data --conditioning_loss.weight=1.0      # NLL + the discriminative term (default)
+    steerlm sft --data=runs/x/data --conditioning_loss.weight=0        # plain answer NLL (the ablation)
+    steerlm readout --model=runs/x/sft/best --data=runs/x/data/val.jsonl   # the model's own attribute read-out
+
+Plain answer NLL gives the attribute line almost no gradient: most answer tokens do not depend on the attributes,
+so their loss drowns the little that does. Measured on this CPU, 100 LoRA steps of plain NLL left the flip gap at
++0.0002 nats/token and the answers identical at every requested level. This module owns the levers that fix that
+and the metrics that show it:
+
+- **corrupted attribute strings** (`corrupt_levels`, `corrupt_records`): the same answer under a label with one
+  attribute moved to another level;
+- **the discriminative term** (`conditioned_lm_loss`): the two-condition form of GeDi's generative-discriminative
+  training (Krause et al., 2021, "GeDi", §3.1): `weight * softplus(log p(answer | prompt, corrupted) -
+  log p(answer | prompt, true))`, log p summed over the answer tokens, both rows in one batched forward pass. The
+  corrupted rows never enter the language-modelling term;
+- **label dropout** (`drop_labels`), **oversampling** of rare levels (`oversample_copies`), **sibling grouping**
+  (`sibling_key`), **computed attributes** (`computed_buckets`, `add_computed_labels`);
+- **read-outs**: the flip gap (`flip_sets`, `flip_gaps`) and the model's own attribute read-out (`readout`): Bayes'
+  rule over the model's class-conditional likelihoods, as GeDi uses them, giving each held-out answer a posterior
+  over the levels of each attribute.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from steerlm.attributes import AttributeSchema, LengthBuckets, computed_from_dict, flip_levels, with_computed
+from steerlm.data import templates
+from steerlm.data.collate import pad
+from steerlm.data.records import ASSISTANT, Record, Turn
+from steerlm.errors import UserError
+
+#: Length-bucket edges written by `steerlm prepare --computed=verbosity` beside train.jsonl.
+COMPUTED_FILE = "computed.json"
+
+
+@dataclass
+class ConditioningLossArgs:
+    """The discriminative term of attribute-conditioned SFT (GeDi §3.1, two-condition form)."""
+
+    weight: float = 1.0
+    """lambda: weight of `softplus(log p(answer | corrupted line) - log p(answer | true line))` (log p summed over the
+    answer's tokens) added to the per-token NLL. 0 trains plain NLL (no corrupted rows are built). Each trained
+    answer costs a second row in the same forward pass (2x the rows, not 2x the steps)."""
+    distance_power: float = 1.0
+    """How the corrupted level is drawn: one attribute of the label (uniformly), moved to another level with
+    probability proportional to |new - true| ** distance_power. 1 (default) favours far levels, whose difference
+    the answer shows most, yet keeps near levels in play so neighbouring levels are told apart too; 0 draws the
+    other levels uniformly."""
+
+    def __post_init__(self):
+        if not (self.weight >= 0 and math.isfinite(self.weight)):
+            raise ValueError(f"weight must be a finite number >= 0, not {self.weight}")
+        if not (0 <= self.distance_power <= 8):
+            raise ValueError(f"distance_power must be in [0, 8], not {self.distance_power}")
+
+
+# ---------------------------------------------------------------- trained turns, computed attributes
+
+
+def trained_turns(record: Record) -> list[int]:
+    """Indices of the assistant turns the loss falls on (SPEC §4: never the first turn; not `no_loss` turns)."""
+    return [j for j, t in enumerate(record.conversations)
+            if j > 0 and t.role == ASSISTANT and not t.extra.get(templates.NO_LOSS)]  # fmt: skip
+
+
+def computed_buckets(names: list[str], *, meta: dict | None, data_folder: Path, train_records: list[Record],
+                     levels: int) -> tuple[dict[str, LengthBuckets], dict[str, str]]:  # fmt: skip
+    """Bucket edges of computed attributes: those of `names`, plus any in the data folder's computed.json (labels
+    from `steerlm prepare --computed`). Sources in order: the base steerlm model (continued training keeps its
+    edges), the data folder, a fit on the training responses. Returns (name -> buckets, name -> source)."""
+    sources = []
+    if meta and meta.get("computed"):
+        sources.append(("base model", computed_from_dict(meta["computed"])))
+    data_file = data_folder / COMPUTED_FILE
+    if data_file.is_file():
+        try:
+            sources.append((str(data_file), computed_from_dict(json.loads(data_file.read_text(encoding="utf-8")))))
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserError(f"bad computed attributes file: {e}", file=str(data_file)) from None
+    wanted = list(dict.fromkeys(names + [n for _, found in sources for n in found]))
+    out, origin = {}, {}
+    for name in wanted:
+        for where, found in sources:
+            if name in found and found[name].levels == levels:
+                out[name], origin[name] = found[name], where
+                break
+        else:
+            if name in names:
+                texts = [t.value for r in train_records for t in r.assistant_turns]
+                out[name], origin[name] = LengthBuckets.fit(texts, levels), "fitted on the training responses"
+    return out, origin
+
+
+def add_computed_labels(records: list[Record], computed: dict[str, LengthBuckets], levels: int) -> None:
+    """Set the computed attributes of every assistant turn from its text, in place (other labels kept)."""
+    if not computed:
+        return
+    for r in records:
+        for t in r.assistant_turns:
+            t.label = with_computed(t.label, t.value, computed, levels)
+
+
+def _copy(record: Record, labels: dict[int, str | None]) -> Record:
+    """`record` with the labels of the turns in `labels` replaced (turn index -> new label)."""
+    turns = [Turn(t.role, t.value, labels.get(j, t.label), dict(t.extra)) for j, t in enumerate(record.conversations)]
+    return Record(turns, record.system, record.mask, record.type, dict(record.extra))
+
+
+# ---------------------------------------------------------------- label dropout, siblings, oversampling
+
+
+def drop_labels(records: list[Record], fraction: float, seed: int) -> tuple[list[Record], int]:
+    """Copies of `records` where each trained, labelled assistant turn loses its attribute line with probability
+    `fraction` (seeded): the model learns the unconditional answer too, the neutral condition of attribute guidance
+    (`templates.inference_segments(record, None)`). Returns (records, turns dropped)."""
+    rng = random.Random(seed * 7919 + 17)
+    out, dropped = [], 0
+    for r in records:
+        gone = {}
+        for j in trained_turns(r):
+            if fraction > 0 and r.conversations[j].label is not None and rng.random() < fraction:
+                gone[j] = None
+        dropped += len(gone)
+        out.append(_copy(r, gone))
+    return out, dropped
+
+
+def sibling_key(record: Record, index: int) -> str:
+    """The batch group of a record: the parent message of its last trained answer (OASST `message_id` of the user
+    turn before it, else that conversation prefix's text), so sibling replies to one prompt, often with different
+    labels, are learned side by side."""
+    trained = trained_turns(record)
+    if not trained:
+        return f"record:{index}"
+    last = trained[-1]
+    parent = record.conversations[last - 1]
+    if parent.extra.get("message_id"):
+        return f"id:{parent.extra['message_id']}"
+    prefix = json.dumps([record.system] + [(t.role, t.value) for t in record.conversations[:last]])
+    return "text:" + hashlib.sha1(prefix.encode("utf-8")).hexdigest()
+
+
+def oversample_copies(records: list[Record], schema: AttributeSchema, max_copies: int) -> list[int]:
+    """How many times each record is used: rare attribute levels (of its last trained answer) are repeated,
+    round(sqrt(count of the attribute's commonest level / count of its level)), largest over attributes, capped at
+    `max_copies`. Computed attributes with quantile buckets are near-uniform and so get ~1."""
+    if max_copies <= 1:
+        return [1] * len(records)
+    last_levels = []
+    for r in records:
+        trained = trained_turns(r)
+        label = r.conversations[trained[-1]].label if trained else None
+        last_levels.append(schema.parse(label) if label else {})
+    counts: dict[str, Counter] = {}
+    for levels in last_levels:
+        for k, v in levels.items():
+            counts.setdefault(k, Counter())[v] += 1
+    copies = []
+    for levels in last_levels:
+        weight = max((math.sqrt(max(counts[k].values()) / counts[k][v]) for k, v in levels.items()), default=1.0)
+        copies.append(max(1, min(max_copies, round(weight))))
+    return copies
+
+
+# ---------------------------------------------------------------- corrupted attribute strings
+
+
+def corrupt_levels(levels: dict[str, int], max_level: int, rng: random.Random, power: float = 1.0) -> dict[str, int]:
+    """`levels` with one attribute (drawn uniformly) moved to another level, drawn with probability proportional to
+    |new - old| ** power. Raises ValueError for an empty mapping or a schema with one level."""
+    if not levels or max_level < 1:
+        raise ValueError("nothing to corrupt: no attribute, or only one level")
+    name = rng.choice(sorted(levels))
+    old = levels[name]
+    choices = [v for v in range(max_level + 1) if v != old]
+    new = rng.choices(choices, weights=[abs(v - old) ** power for v in choices])[0]
+    return {**levels, name: new}
+
+
+def corrupt_records(records: Sequence[Record], schema: AttributeSchema, seed: int,
+                    power: float = 1.0) -> list[Record | None]:  # fmt: skip
+    """For each record, a copy whose trained, labelled assistant turns each carry a corrupted attribute string
+    (`corrupt_levels`, seeded by `seed` and the record's position); None where no trained turn has a label (label
+    dropout, or unlabelled data) — such records get no discriminative term."""
+    rng = random.Random(seed * 104_729 + 3)
+    out: list[Record | None] = []
+    for r in records:
+        new = {}
+        for j in trained_turns(r):
+            label = r.conversations[j].label
+            levels = schema.parse(label) if label else {}
+            if levels:
+                new[j] = schema.render(corrupt_levels(levels, schema.max_level, rng, power))
+        out.append(_copy(r, new) if new else None)
+    return out
+
+
+def align_trained(a: list[int], b: list[int]) -> tuple[list[int], list[int]]:
+    """Labels of two encodings of the same answers under different attribute lines, cut to the same number of
+    trained tokens (an attribute line of another length shifts where right truncation falls), so their summed log
+    probabilities cover the same answer tokens."""
+    n = min(sum(x != templates.IGNORE_INDEX for x in a), sum(x != templates.IGNORE_INDEX for x in b))
+
+    def keep_first(labels: list[int]) -> list[int]:
+        out, seen = [], 0
+        for x in labels:
+            if x != templates.IGNORE_INDEX:
+                seen += 1
+                out.append(x if seen <= n else templates.IGNORE_INDEX)
+            else:
+                out.append(x)
+        return out
+
+    return keep_first(a), keep_first(b)
+
+
+def pair_example(true: dict, alt: dict | None) -> dict:
+    """One training example: the true encoding, and its corrupted twin under `alt_input_ids`/`alt_labels` (aligned
+    with `align_trained`), or no twin."""
+    if alt is None:
+        return dict(true)
+    labels, alt_labels = align_trained(true["labels"], alt["labels"])
+    if all(x == templates.IGNORE_INDEX for x in labels):
+        return dict(true)
+    return {"input_ids": true["input_ids"], "labels": labels, "alt_input_ids": alt["input_ids"],
+            "alt_labels": alt_labels}  # fmt: skip
+
+
+def collate_pairs(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Examples (some with a corrupted twin) -> one padded batch of R = B + (twins) rows: the B true rows first, then
+    the twins. `pair_of` (R,) is -1 on true rows and, on a twin row, the index of its true row."""
+    ids = [e["input_ids"] for e in examples]
+    labels = [e["labels"] for e in examples]
+    pair_of = [-1] * len(examples)
+    for i, e in enumerate(examples):
+        if "alt_input_ids" in e:
+            ids.append(e["alt_input_ids"])
+            labels.append(e["alt_labels"])
+            pair_of.append(i)
+    return {
+        "input_ids": pad(ids, pad_id),
+        "attention_mask": pad([[1] * len(s) for s in ids], 0),
+        "labels": pad(labels, templates.IGNORE_INDEX),
+        "pair_of": torch.tensor(pair_of, dtype=torch.long),
+    }
+
+
+# ---------------------------------------------------------------- the loss
+
+
+def token_nll(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token negative log-likelihood of the labelled tokens: (nll (R, T-1) float32, mask (R, T-1) bool), where
+    position t predicts token t+1 and the mask marks labels != -100 (SPEC §4)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=templates.IGNORE_INDEX,
+                          reduction="none").view(labels.shape)  # fmt: skip
+    return nll, labels != templates.IGNORE_INDEX
+
+
+def conditioned_lm_loss(model, batch: dict, weight: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """SFT loss: mean per-token NLL over the true rows' answer tokens, plus `weight` times the discriminative term
+    mean over pairs of softplus(log p(answer | corrupted) - log p(answer | true)) (GeDi §3.1), log p summed over the
+    answer tokens. Twin rows (`pair_of >= 0`) never enter the NLL. Returns (loss, metrics): `nll`, and with twins
+    `disc_loss` and `disc_acc` (share of pairs whose true line is the likelier)."""
+    nll, mask = token_nll(model, batch)
+    pair_of = batch.get("pair_of")
+    true_rows = pair_of < 0 if pair_of is not None else torch.ones(nll.shape[0], dtype=torch.bool, device=nll.device)
+    tokens = mask[true_rows].sum()
+    lm = (nll[true_rows] * mask[true_rows]).sum() / tokens.clamp(min=1)
+    metrics: dict = {"nll": lm.detach()}
+    twins = ~true_rows
+    if weight <= 0 or not bool(twins.any()):
+        return lm, metrics
+    seq_logp = -(nll * mask).sum(dim=1)  # (R,) summed log p of each row's answer tokens
+    gap = seq_logp[twins] - seq_logp[pair_of[twins]]
+    disc = F.softplus(gap).mean()
+    metrics.update(disc_loss=disc.detach(), disc_acc=(gap < 0).float().mean().detach())
+    return lm + weight * disc, metrics
+
+
+# ---------------------------------------------------------------- read-outs: flip gap
+
+
+def flip_records(records: list[Record], schema: AttributeSchema, names: tuple[str, ...] | None = None) -> list[Record]:
+    """`records` with the levels of `names` (default: all) mirrored, q -> L-1-q, in every assistant label."""
+    out = []
+    for r in records:
+        new = {}
+        for j, t in enumerate(r.conversations):
+            if t.role == ASSISTANT and t.label:
+                levels = schema.parse(t.label)
+                flipped = flip_levels({k: v for k, v in levels.items() if names is None or k in names},
+                                      schema.max_level)  # fmt: skip
+                new[j] = schema.render({**levels, **flipped})
+        out.append(_copy(r, new))
+    return out
+
+
+def flip_sets(records: list[Record], schema: AttributeSchema, tokenizer, style: str, max_length: int, limit: int,
+              each: bool) -> tuple[list[dict], dict[str, list[dict]]]:  # fmt: skip
+    """Validation examples for the flip-gap check: (true examples, {metric name: flipped examples}) over the first
+    `limit` records with a labelled trained answer; `flip_gap` mirrors every attribute, `flip_gap_<name>` one."""
+    chosen = [r for r in records if any(r.conversations[j].label for j in trained_turns(r))]
+    chosen = chosen[:limit] if limit > 0 else chosen
+    variants = {"flip_gap": None} | ({f"flip_gap_{n}": (n,) for n in schema.names} if each else {})
+    true, flipped = [], {k: [] for k in variants}
+    for r in chosen:
+        ex = templates.encode(r, tokenizer, style, max_length)
+        alts = {k: templates.encode(flip_records([r], schema, names)[0], tokenizer, style, max_length)
+                for k, names in variants.items()}  # fmt: skip
+        if ex is None or any(a is None for a in alts.values()):
+            continue
+        true.append(ex)
+        for k, a in alts.items():
+            flipped[k].append(a)
+    return true, flipped
+
+
+def loss_sums(model, examples: list[dict], collate, batch_size: int, accelerator) -> torch.Tensor:
+    """(summed NLL, trainable tokens) over `examples`: each process takes a share, the sums are reduced."""
+    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    shard = examples[accelerator.process_index :: accelerator.num_processes]
+    for start in range(0, len(shard), batch_size):
+        batch = {k: v.to(accelerator.device) for k, v in collate(shard[start : start + batch_size]).items()}
+        nll, mask = token_nll(model, batch)
+        total += torch.stack([(nll * mask).sum().double(), mask.sum().double()])
+    return accelerator.reduce(total, reduction="sum")
+
+
+def flip_gaps(model, flips: tuple[list[dict], dict[str, list[dict]]], collate, batch_size: int,
+              accelerator) -> dict[str, float]:  # fmt: skip
+    """Per-token loss under the mirrored attribute strings minus under the true ones, on the same answers (> 0: the
+    model reads the line)."""
+    true = loss_sums(model, flips[0], collate, batch_size, accelerator)
+    out = {}
+    for name, flipped in flips[1].items():
+        other = loss_sums(model, flipped, collate, batch_size, accelerator)
+        out[name] = float(other[0] / other[1] - true[0] / true[1])
+    return out
+
+
+# ---------------------------------------------------------------- read-outs: the model as its own APM
+
+
+@dataclass
+class ReadoutItem:
+    """One held-out answer to read: its record cut after the answer (earlier answers are context), the turn index
+    of the answer, and its true levels."""
+
+    record: Record
+    turn: int
+    levels: dict[str, int]
+
+
+def readout_items(records: Sequence[Record], schema: AttributeSchema, attributes: Sequence[str] | None = None,
+                  limit: int = 0) -> list[ReadoutItem]:  # fmt: skip
+    """The records' last trained, labelled answers (at most `limit`, 0: all), each cut to end there with the earlier
+    assistant turns as context only, and with their levels of `attributes` (default: the schema's)."""
+    names = tuple(attributes or schema.names)
+    items = []
+    for r in records:
+        turns = [j for j in trained_turns(r) if r.conversations[j].label]
+        if not turns:
+            continue
+        j = turns[-1]
+        levels = {k: v for k, v in schema.parse(r.conversations[j].label, ignore_unknown=True).items() if k in names}
+        if not levels:
+            continue
+        convo = [Turn(t.role, t.value, t.label, {**t.extra, templates.NO_LOSS: True} if i != j and t.role == ASSISTANT
+                      else dict(t.extra)) for i, t in enumerate(r.conversations[: j + 1])]  # fmt: skip
+        items.append(ReadoutItem(Record(convo, r.system, r.mask, r.type, dict(r.extra)), j, levels))
+        if limit and len(items) >= limit:
+            break
+    return items
+
+
+def answer_logps(model, examples: list[dict], pad_id: int, batch_size: int, device) -> list[float]:
+    """Summed log p of each example's labelled tokens (the answer, SPEC §4), batched, no gradient."""
+    out: list[float] = []
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        batch = {
+            "input_ids": pad([e["input_ids"] for e in chunk], pad_id).to(device),
+            "attention_mask": pad([[1] * len(e["input_ids"]) for e in chunk], 0).to(device),
+            "labels": pad([e["labels"] for e in chunk], templates.IGNORE_INDEX).to(device),
+        }
+        with torch.no_grad():
+            nll, mask = token_nll(model, batch)
+        out += (-(nll * mask).sum(dim=1)).tolist()
+    return out
+
+
+def readout(model, tokenizer, items: Sequence[ReadoutItem], schema: AttributeSchema, style: str, max_length: int,
+            batch_size: int = 8, device=None, progress: Callable | None = None) -> dict:  # fmt: skip
+    """The model's own attribute read-out: for each item and attribute, the answer's log-likelihood under every level
+    of that attribute (the others at their true levels) turned into a posterior by Bayes' rule with a uniform prior
+    (GeDi §3). Per attribute: `spearman` of the expected level against the true one, `accuracy` (argmax == true),
+    `within1` (|argmax - true| <= 1), `chance` (1/L: a uniform guess), `n`. Items whose answer truncation leaves
+    nothing to score are skipped. Cost: items x attributes x L forward passes of up to `max_length` tokens."""
+    from scipy.stats import spearmanr
+
+    device = device or next(model.parameters()).device
+    L = schema.levels
+    per: dict[str, list[tuple[int, float, int]]] = {}
+    names = [n for n in schema.names if any(n in it.levels for it in items)]
+    jobs = [(it, n) for it in items for n in names if n in it.levels]
+    for k, (it, name) in enumerate(jobs):
+        base = schema.parse(it.record.conversations[it.turn].label, ignore_unknown=True)
+        examples = [templates.encode(_copy(it.record, {it.turn: schema.render({**base, name: level})}), tokenizer,
+                                     style, max_length) for level in range(L)]  # fmt: skip
+        if any(e is None for e in examples):
+            continue
+        aligned = [examples[0]["labels"]]
+        for e in examples[1:]:
+            aligned[0], _ = align_trained(aligned[0], e["labels"])
+        examples = [
+            {"input_ids": e["input_ids"], "labels": align_trained(e["labels"], aligned[0])[0]} for e in examples
+        ]
+        logps = torch.tensor(answer_logps(model, examples, tokenizer.pad_token_id, batch_size, device))
+        post = torch.softmax(logps, dim=0)
+        expected = float((post * torch.arange(L)).sum())
+        per.setdefault(name, []).append((it.levels[name], expected, int(post.argmax())))
+        if progress is not None:
+            progress(k + 1, len(jobs))
+    result = {}
+    for name, rows in per.items():
+        true = [t for t, _, _ in rows]
+        exp = [e for _, e, _ in rows]
+        arg = [a for _, _, a in rows]
+        rho = spearmanr(true, exp).statistic if len(set(true)) > 1 and len(set(exp)) > 1 else float("nan")
+        result[name] = {"n": len(rows), "spearman": None if math.isnan(rho) else float(rho),
+                        "accuracy": sum(a == t for a, t in zip(arg, true, strict=True)) / len(rows),
+                        "within1": sum(abs(a - t) <= 1 for a, t in zip(arg, true, strict=True)) / len(rows),
+                        "chance": 1.0 / L, "mean_true": sum(true) / len(rows), "mean_expected": sum(exp) / len(rows)}  # fmt: skip
+    return result
+
+
+def format_readout(result: dict) -> str:
+    """A small table of `readout`'s result: one line per attribute."""
+    lines = [f"  {'attribute':<12} {'n':>4} {'spearman':>9} {'exact':>7} {'+-1':>7} {'chance':>7}"]
+    for name, r in result.items():
+        rho = "n/a" if r["spearman"] is None else f"{r['spearman']:+.3f}"
+        lines.append(
+            f"  {name:<12} {r['n']:>4} {rho:>9} {r['accuracy']:>7.3f} {r['within1']:>7.3f} {r['chance']:>7.3f}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,179 @@
+"""The conditioning module: corrupted attribute strings, the discriminative term (GeDi §3.1), and the model's own
+attribute read-out; the read-out rises above chance with the discriminative term and beats plain NLL."""
+
+import json
+import random
+from collections import Counter
+from functools import partial
+
+import pytest
+import torch
+
+from steerlm import cli, conditioning, models, sft
+from steerlm.attributes import AttributeSchema
+from steerlm.data import templates
+from steerlm.data.records import Record, Turn, write_records
+
+SCHEMA = AttributeSchema(("humor", "verbosity"), levels=4)
+#: A synthetic attribute the data makes obvious: the answer's one last word names the humor level, after a long
+#: shared opening that does not depend on it (as most answer tokens do not depend on the attributes in real data).
+MARKS = ["apple", "river", "stone", "cloud"]
+OPENING = "The quick brown fox jumps over the lazy dog, and then"
+
+
+def synthetic(n: int, seed: int) -> list[Record]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        level = rng.randrange(4)
+        answer = f"{OPENING} {MARKS[level]}."
+        out.append(Record([Turn("User", f"Question {i}: tell me a word."),
+                           Turn("Assistant", answer, f"humor:{level},verbosity:{rng.randrange(4)}")]))  # fmt: skip
+    return out
+
+
+def test_corruption_moves_one_attribute_to_another_level_far_more_often():
+    rng = random.Random(0)
+    moved, distance = Counter(), Counter()
+    for _ in range(4000):
+        new = conditioning.corrupt_levels({"humor": 0, "verbosity": 2}, 3, rng, power=1.0)
+        changed = [k for k in new if new[k] != {"humor": 0, "verbosity": 2}[k]]
+        assert len(changed) == 1
+        moved[changed[0]] += 1
+        if changed[0] == "humor":
+            distance[new["humor"]] += 1
+    assert abs(moved["humor"] - moved["verbosity"]) < 300  # the attribute is drawn uniformly
+    assert distance[3] > distance[2] > distance[1] > 0  # levels far from the true one more often (|d| ** 1)
+    assert abs(distance[3] / distance[1] - 3) < 0.6
+    uniform = Counter(conditioning.corrupt_levels({"humor": 0}, 3, rng, power=0.0)["humor"] for _ in range(3000))
+    assert set(uniform) == {1, 2, 3} and max(uniform.values()) - min(uniform.values()) < 200
+    with pytest.raises(ValueError):
+        conditioning.corrupt_levels({}, 3, rng)
+
+
+def test_corrupt_records_only_touches_trained_labelled_turns():
+    r = Record([Turn("User", "q"), Turn("Assistant", "a1", "humor:1"), Turn("User", "q2"),
+                Turn("Assistant", "a2", "humor:2,verbosity:0")])  # fmt: skip
+    unlabelled = Record([Turn("User", "q"), Turn("Assistant", "a", None)])
+    twin, none = conditioning.corrupt_records([r, unlabelled], SCHEMA, seed=1)
+    assert none is None
+    assert twin.conversations[1].label != "humor:1" and twin.conversations[3].label != "humor:2,verbosity:0"
+    assert [t.value for t in twin.conversations] == [t.value for t in r.conversations]
+    assert r.conversations[1].label == "humor:1"  # the input is not modified
+
+
+def test_twin_rows_never_enter_the_nll_and_the_term_is_the_softplus_of_the_gap():
+    model, tok = models.tiny_causal_lm()
+    records = synthetic(3, seed=1)
+    twins = conditioning.corrupt_records(records, SCHEMA, seed=0)
+    examples = [conditioning.pair_example(templates.encode(r, tok, "chat"), templates.encode(t, tok, "chat"))
+                for r, t in zip(records, twins, strict=True)]  # fmt: skip
+    batch = conditioning.collate_pairs(examples, tok.pad_token_id)
+    assert batch["input_ids"].shape[0] == 6 and batch["pair_of"].tolist() == [-1, -1, -1, 0, 1, 2]
+    plain = conditioning.collate_pairs(
+        [{k: e[k] for k in ("input_ids", "labels")} for e in examples], tok.pad_token_id
+    )
+    with torch.no_grad():
+        nll_only, m0 = conditioning.conditioned_lm_loss(model, batch, weight=0.0)
+        reference = model(input_ids=plain["input_ids"], attention_mask=plain["attention_mask"],
+                          labels=plain["labels"]).loss  # fmt: skip
+        both, m1 = conditioning.conditioned_lm_loss(model, batch, weight=2.0)
+        nll, mask = conditioning.token_nll(model, batch)
+    # the NLL is the true rows' per-token loss, exactly what plain SFT computes: the twins are not in it
+    assert torch.allclose(nll_only, reference, atol=1e-5) and torch.allclose(m1["nll"], reference, atol=1e-5)
+    logp = -(nll * mask).sum(1)
+    expected = torch.nn.functional.softplus(logp[3:] - logp[:3]).mean()
+    assert torch.allclose(both, reference + 2.0 * expected, atol=1e-5)
+    # the twins score the same answer tokens as their true rows
+    assert mask[:3].sum(1).tolist() == mask[3:].sum(1).tolist()
+
+
+def test_align_trained_cuts_both_to_the_same_answer_tokens():
+    a = [-100, -100, 5, 6, 7]
+    b = [-100, -100, -100, 5, 6]
+    assert conditioning.align_trained(a, b) == ([-100, -100, 5, 6, -100], b)
+
+
+def train_readout(weight: float, steps: int) -> dict:
+    model, tok = models.tiny_causal_lm()
+    train_records = synthetic(64, seed=2)
+    held_out = synthetic(16, seed=3)
+    twins = conditioning.corrupt_records(train_records, SCHEMA, seed=0)
+    examples = [conditioning.pair_example(templates.encode(r, tok, "chat"),
+                                          templates.encode(t, tok, "chat") if weight > 0 else None)
+                for r, t in zip(train_records, twins, strict=True)]  # fmt: skip
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    rng = random.Random(0)
+    model.train()
+    torch.manual_seed(0)
+    for _ in range(steps):
+        batch = conditioning.collate_pairs(rng.sample(examples, 8), tok.pad_token_id)
+        loss, _ = conditioning.conditioned_lm_loss(model, batch, weight=weight)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    items = conditioning.readout_items(held_out, SCHEMA, ["humor"])
+    return conditioning.readout(model, tok, items, SCHEMA, "chat", 256, batch_size=16)["humor"]
+
+
+def test_readout_rises_above_chance_with_the_discriminative_term_and_beats_plain_nll():
+    with_term = train_readout(1.0, 40)
+    plain = train_readout(0.0, 40)
+    assert with_term["n"] == 16 and with_term["chance"] == 0.25
+    # measured: accuracy 0.44 / Spearman +0.95 with the term, 0.31 / -0.29 with plain NLL after the same 40 steps
+    assert with_term["accuracy"] > with_term["chance"] and with_term["spearman"] > 0.6
+    assert with_term["accuracy"] > plain["accuracy"] and with_term["spearman"] > (plain["spearman"] or 0) + 0.3
+
+
+def test_sft_logs_the_readout_and_the_discriminative_term(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    write_records(data / "train.jsonl", synthetic(24, seed=4))
+    write_records(data / "val.jsonl", synthetic(6, seed=5))
+    (data / "stats.json").write_text(json.dumps({"levels": 4}))
+    out = tmp_path / "sft"
+    args = ["sft", "--model=tiny-lm", f"--data={data}", f"--out={out}", "--train.max_steps=4", "--train.lr=1e-3",
+            "--train.batch_size=4", "--train.log_every=1", "--readout_examples=4", "--template=chat"]  # fmt: skip
+    assert cli.run(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["readout"]) == {"humor", "verbosity"} and summary["readout"]["humor"]["n"] == 4
+    assert summary["attributes"]["levels"] == 4  # read from the data folder's stats.json
+    assert summary["steering"]["answers with a corrupted twin (conditioning_loss)"] == 24
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("disc_loss" in r for r in rows) and any("readout_humor_accuracy" in r for r in rows)
+    meta = json.loads((out / "best" / "steerlm_model.json").read_text())
+    assert meta["conditioning_loss"] == {"weight": 1.0, "distance_power": 1.0}
+    # the command: any SteerLM model and a records file
+    report = tmp_path / "readout.json"
+    assert cli.run(["readout", f"--model={out / 'best'}", f"--data={data}", f"--out={report}", "--examples=3"]) == 0
+    assert json.loads(report.read_text())["attributes"]["humor"]["n"] == 3
+    # weight 0: no twins built (today's plain NLL)
+    out0 = tmp_path / "sft0"
+    assert cli.run([*args[:3], f"--out={out0}", *args[4:], "--conditioning_loss.weight=0"]) == 0
+    summary0 = json.loads((out0 / "summary.json").read_text())
+    assert "answers with a corrupted twin (conditioning_loss)" not in summary0["steering"]
+
+
+def test_readout_command_errors_are_located(tmp_path):
+    model, tok = models.tiny_causal_lm()
+    meta = {"attributes": SCHEMA.to_dict(), "template": "chat", "conditioning": "attributes", "base_model": "tiny-lm",
+            "lora": False}  # fmt: skip
+    models.save_model(model, tok, tmp_path / "m", sft.META, meta)
+    bad = tmp_path / "bad.jsonl"
+    write_records(bad, [Record([Turn("User", "q"), Turn("Assistant", "a", "humor:9")])])
+    assert cli.run(["readout", f"--model={tmp_path / 'm'}", f"--data={bad}"]) == 2
+    assert cli.run(["readout", f"--model={tmp_path / 'm'}", f"--data={bad}", "--attributes=quality"]) == 2
+
+
+def test_loss_sums_match_token_nll():
+    model, tok = models.tiny_causal_lm()
+    examples = [templates.encode(r, tok, "chat") for r in synthetic(5, seed=6)]
+    collate = partial(conditioning.collate_pairs, pad_id=tok.pad_token_id)
+    from accelerate import Accelerator
+
+    acc = Accelerator(cpu=True)
+    with torch.no_grad():
+        total = conditioning.loss_sums(model, examples, collate, 2, acc)
+        nll, mask = conditioning.token_nll(model, collate(examples))
+    assert torch.allclose(total[0].float(), (nll * mask).sum(), rtol=1e-4) and int(total[1]) == int(mask.sum())

@@ -17,17 +17,19 @@ import random
 import time
 from pathlib import Path
 
+from steerlm.attributes import parse_assignment
 from steerlm.bootstrap import training_prompts
 from steerlm.data.records import read_records
-from steerlm.generate import Generator, SamplingArgs
-from steerlm.steerability import format_table, measure_attribute, scorer_for
+from steerlm.generate import Generator, SamplingArgs, read_prompts
+from steerlm.steerability import format_table, mean_words, measure_attribute, plot_results, scorer_for
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="a steerlm model folder")
     parser.add_argument("--apm", default="", help="APM folder for non-computed attributes")
-    parser.add_argument("--data", required=True, help="folder with val.jsonl (or a records file): held-out prompts")
+    parser.add_argument("--data", default="", help="folder with val.jsonl (or a records file): held-out prompts")
+    parser.add_argument("--prompts_file", default="", help="or a prompts file `steerlm generate` reads (MT-Bench...)")
     parser.add_argument("--attributes", default="verbosity,quality")
     parser.add_argument("--levels", default="0,9", help="requested levels")
     parser.add_argument("--scales", default="1,3", help="guidance scales")
@@ -37,6 +39,8 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--fixed", default="", help="levels held fixed while one attribute moves, e.g. quality=4")
+    parser.add_argument("--png", default="", help="plot requested vs measured level per attribute (first scale)")
     parser.add_argument("--out", default="", help="write the report (JSON) here")
     args = parser.parse_args()
 
@@ -46,8 +50,11 @@ def main() -> None:
         from steerlm.apm import load_apm
 
         apm = load_apm(args.apm)
-    data = Path(args.data)
-    prompts = training_prompts(read_records(data / "val.jsonl" if data.is_dir() else data))
+    if args.prompts_file:
+        prompts = [gen.as_record(conv) for conv, _, _ in read_prompts(args.prompts_file)]
+    else:
+        data = Path(args.data)
+        prompts = training_prompts(read_records(data / "val.jsonl" if data.is_dir() else data))
     prompts = random.Random(args.seed).sample(prompts, min(args.prompts, len(prompts)))
     levels = [int(x) for x in args.levels.split(",")]
     report: dict = {"model": args.model, "apm": args.apm, "levels": levels, "prompts": len(prompts),
@@ -57,14 +64,24 @@ def main() -> None:
                                 guidance_scale=scale, guidance_reference=args.reference)  # fmt: skip
         results = []
         start = time.time()
+        fixed = dict(parse_assignment(a) for a in args.fixed.split(",") if a)
         for name in args.attributes.split(","):
             scorer = scorer_for(name, apm, gen.computed)
             if name not in gen.schema.names or scorer is None:
                 print(f"skipping {name}: not in the model's schema, or nothing measures it")
                 continue
-            results.append(measure_attribute(gen, scorer, prompts, name, levels, sampling, batch_size=args.batch_size))
+            results.append(
+                measure_attribute(
+                    gen, scorer, prompts, name, levels, sampling, batch_size=args.batch_size, fixed=fixed
+                )
+            )
+            words = mean_words(results[-1])
+            print(f"  {name}: mean words per level " + "  ".join(f"{lv}->{w:g}" for lv, w in zip(levels, words,
+                                                                                         strict=True)))  # fmt: skip
         print(f"\nguidance scale {scale:g} ({time.time() - start:.0f} s), " + format_table(results), flush=True)
         report["scales"][f"{scale:g}"] = {r.attribute: r.to_json() for r in results}
+        if args.png and len(report["scales"]) == 1:
+            plot_results(results, args.png, f"{args.model}, guidance scale {scale:g}")
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1, ensure_ascii=False))
 

@@ -130,3 +130,40 @@ def scorer_for(attribute: str, apm=None, computed: dict | None = None):
     if apm is not None and attribute in apm.schema.names:
         return apm
     return None
+
+
+# ---------------------------------------------------------------- what a user sees: words per level, a plot
+
+
+def mean_words(result: AttributeResult) -> list[float]:
+    """Mean word count (`attributes.word_count`, the unit of verbosity) of the answers at each requested level."""
+    from steerlm.attributes import word_count
+
+    return [round(float(np.mean([word_count(a) for a in result.answers.get(lv, [])] or [0.0])), 1)
+            for lv in result.requested]  # fmt: skip
+
+
+def plot_results(results: Sequence[AttributeResult], path, title: str = "") -> None:
+    """One panel per attribute: the mean measured level at each requested level, with the diagonal a perfectly
+    steered model would follow (matplotlib, Agg backend; written to `path` as PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, max(1, len(results)), figsize=(3.6 * max(1, len(results)), 3.4), squeeze=False)
+    for ax, r in zip(axes[0], results, strict=False):
+        ax.plot(r.requested, r.measured_mean, "o-", label="measured (mean)")
+        lo, hi = min(r.requested), max(r.requested)
+        ax.plot([lo, hi], [lo, hi], ":", color="gray", label="requested")
+        rho = "n/a" if r.spearman is None else f"{r.spearman:+.2f}"
+        ax.set_title(f"{r.attribute} (Spearman {rho})")
+        ax.set_xlabel("requested level")
+        ax.set_ylabel("measured level")
+        ax.set_xticks(r.requested)
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

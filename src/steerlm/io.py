@@ -26,7 +26,7 @@ def read_jsonl(path: str | Path, on_error: Callable[[UserError], None] | None = 
     """Yield `(line_number, value)` for each non-blank line of a `.jsonl` or `.jsonl.gz` file.
 
     Malformed JSON or non-UTF-8 raise a UserError naming file and line; with `on_error`, the error is passed to it
-    and the line skipped instead (for `--skip-invalid`). Lines are decoded one by one so the line number is exact.
+    and the line skipped instead (for `--skip_invalid`). Lines are decoded one by one so the line number is exact.
     """
     path = Path(path)
     with _open_binary(path) as f:

@@ -1,7 +1,7 @@
 """`steerlm train-rm`: a pairwise reward model, the RLHF baseline's second step (InstructGPT, SPEC §6).
 
     steerlm train-rm ../shared/data/hh-rlhf/harmless-base-dev.jsonl.gz ../shared/data/oasst1/oasst1-en-dev.jsonl \\
-        --out runs/rm --skip-invalid
+        --out runs/rm --skip_invalid
     steerlm train-rm runs/data/train.jsonl --model smollm2-135m-instruct --train.lora.r=8 --train.lr=2e-4
 
 A backbone (an encoder, or a causal LM's decoder stack) reads `User: ...` / `Assistant: ...` text and a linear head
@@ -74,7 +74,7 @@ class Config:
     val_data: list[str] = field(default_factory=list)
     """Held-out comparison sources (same kinds as `data`); default: `val_fraction` of the groups of each source."""
     out: str = "runs/rm"
-    """Output folder: a reward-model folder that `load_rm` / `steerlm ppo --reward-model` read back."""
+    """Output folder: a reward-model folder that `load_rm` / `steerlm ppo --reward_model` read back."""
     model: str = "minilm-l6"
     """Backbone: a built-in (minilm-l6, tiny-encoder, smollm2-135m-instruct, tiny-lm), a folder (e.g. the SFT model,
     as InstructGPT does) or a hub id."""

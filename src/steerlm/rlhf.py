@@ -1,7 +1,7 @@
 """`steerlm rlhf`: the InstructGPT baseline from one YAML file: data -> SFT -> reward model -> PPO (SPEC §6).
 
     steerlm rlhf --preset tiny --out=runs/rlhf-tiny     # tiny random models: the whole chain in seconds
-    steerlm rlhf --preset quickstart                    # SmolLM2-135M + LoRA, MiniLM reward model (~30 min CPU)
+    steerlm rlhf --preset quickstart                    # SmolLM2-135M + LoRA, MiniLM reward model (~50 min, 2 CPU cores)
 
 Stages, each in its own folder under `out`, skipped on a re-run when its settings and inputs are unchanged
 (`done.json` holds a hash of the stage's resolved config and of its inputs' sizes and times, runner.py):

@@ -1,7 +1,7 @@
 """Experiment tracking: every row a training stage writes to `metrics.jsonl` also goes to TensorBoard and/or W&B,
 through accelerate's trackers (`accelerate.tracking`), chosen with `--train.report_to`.
 
-    steerlm sft --preset quickstart --train.report_to=tensorboard    # then: tensorboard --logdir runs/x/sft/tensorboard
+    steerlm sft --data=runs/x/data --out=runs/x/sft --train.report_to=tensorboard   # then: tensorboard --logdir runs/x/sft/tensorboard
     WANDB_MODE=offline steerlm sft ... --train.report_to=wandb       # W&B run files under runs/x/sft/wandb
 
 Scalars keep the names they have in `metrics.jsonl` (nested values, e.g. a per-attribute read-out, as

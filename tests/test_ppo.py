@@ -199,3 +199,13 @@ def test_rlhf_tiny_preset_end_to_end_and_skips_finished_stages(tmp_path, oasst_f
     assert cli.run(args + ["--ppo.ppo.kl_coef", "0.1"]) == 0  # a PPO setting changed: only PPO reruns
     third = capsys.readouterr().out
     assert third.count("up to date, skipped") == 3 and "[ppo] running" in third
+
+
+def test_prompts_with_no_room_for_an_answer_are_left_out_and_counted(tmp_path, capsys):
+    # tiny-lm's context is 2048 tokens: this prompt fits train.max_length but leaves fewer than max_new_tokens
+    path = tmp_path / "long.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in [*PROMPTS, "sea " * 1020]))  # ~2040 tokens
+    cfg = make_cfg(tmp_path, "ppo", prompts=[str(path)], **{"train.max_steps": 1, "train.max_length": 4096})
+    ppo.main(cfg, reward_fn=newlines)
+    assert f"{len(PROMPTS)} prompts (0 longer than 4096 tokens left out, 1 with no room for an answer)" in (
+        capsys.readouterr().out)  # fmt: skip

@@ -1,8 +1,8 @@
 """`steerlm ppo`: PPO (and PPO-ptx) against a reward model, the RLHF baseline's third step (InstructGPT, SPEC §6).
 
-    steerlm ppo --policy runs/rlhf/sft/best --reward-model runs/rlhf/rm --prompts runs/rlhf/data/prompts_train.jsonl \\
-        --out runs/ppo --lora.r=8 --train.lr=0.0001 --train.max_steps=20
-    steerlm ppo ... --ppo.ptx_coef=1.0 --ptx-data runs/rlhf/data/train.jsonl        # PPO-ptx
+    steerlm ppo --policy runs/rlhf/sft/best --reward_model runs/rlhf/rm --prompts runs/rlhf/data/prompts_train.jsonl \\
+        --out runs/ppo --train.lora.r=8 --train.lr=0.0001 --train.max_steps=20
+    steerlm ppo ... --ppo.ptx_coef=1.0 --ptx_data runs/rlhf/data/train.jsonl        # PPO-ptx
 
 One step:
 1. rollout: sample answers to `train.batch_size` prompts with the policy (the shared `generate.Generator` loop);
@@ -48,7 +48,7 @@ from steerlm import config as config_lib
 from steerlm import model_card, models, tracking, train
 from steerlm.attributes import AttributeSchema
 from steerlm.config import TrainArgs
-from steerlm.data import preferences, templates
+from steerlm.data import invariants, preferences, templates
 from steerlm.data.collate import pad
 from steerlm.data.records import Record, Turn, read_records
 from steerlm.errors import UserError
@@ -163,8 +163,8 @@ class Config:
     """How many such prompts."""
     max_prompts: int = 0
     """Use at most this many training prompts (0: all)."""
-    template: Literal["", "nemo", "chat"] = ""
-    """Template style; default: the policy's steerlm_model.json, else 'chat'."""
+    template: str = "auto"
+    """Template style: 'nemo', 'chat', or 'auto' (the policy's steerlm_model.json, else 'chat')."""
     overwrite: bool = False
     """Replace an existing output folder."""
     resume: bool = False
@@ -185,6 +185,7 @@ class Config:
             raise ValueError("samples and max_prompts must be >= 0")
         if self.ppo.ptx_coef > 0 and not self.ptx_data:
             raise ValueError("ppo.ptx_coef > 0 needs ptx_data (SFT or pretraining conversation records)")
+        self.template = config_lib.auto_choice(self.template, "template", templates.STYLES)
 
 
 # ---------------------------------------------------------------- the math of one PPO step (SPEC §6)
@@ -554,28 +555,35 @@ def main(cfg: Config, reward_fn: RewardFn | None = None) -> dict:
     # 0. models, reward source, prompts
     policy, ref_copy, tokenizer, meta = load_policy(cfg, dev)
     reference = Reference(policy, ref_copy)
-    gen = make_generator(policy, tokenizer, meta, cfg.template)
+    gen = make_generator(policy, tokenizer, meta, config_lib.unless_auto(cfg.template))
     hidden = _unwrap(policy).config.hidden_size
     value_head = ValueHead(hidden).to(dev)
     if reward_fn is not None:
         source = "reward function (given)"
     elif not cfg.reward_model and not cfg.reward_fn:
-        raise UserError("no reward source: give --reward-model FOLDER or --reward-fn module:function")
+        raise UserError("no reward source: give --reward_model FOLDER or --reward_fn module:function")
     else:
         reward_fn, source = load_reward(cfg, dev)
     all_prompts = read_prompt_files(cfg.prompts)
     prompt_ids, prompts, too_long = [], [], 0
+    # A prompt must leave the policy's context room for the answer it is rewarded for (the shared check; counted).
+    context = int(getattr(_unwrap(policy).config, "max_position_embeddings", 0) or 0) or None
+    no_room = invariants.Rows()
     for p in all_prompts:
         ids = gen.prompt_ids(p)
         if len(ids) > targs.max_length:
             too_long += 1
+            continue
+        if not no_room.keep(invariants.no_room(len(ids), context, cfg.sampling.max_new_tokens)):
             continue
         prompts.append(p)
         prompt_ids.append(ids)
     if cfg.max_prompts:
         prompts, prompt_ids = prompts[: cfg.max_prompts], prompt_ids[: cfg.max_prompts]
     if not prompts:
-        raise UserError(f"no prompts of at most train.max_length={targs.max_length} tokens", field="prompts")
+        raise UserError(f"no prompts of at most train.max_length={targs.max_length} tokens that leave "
+                        f"sampling.max_new_tokens={cfg.sampling.max_new_tokens} of the policy's context ({context})",
+                        field="prompts")  # fmt: skip
     eval_prompts = preferences.read_prompts(cfg.eval_prompts) if cfg.eval_prompts else prompts
     eval_prompts = eval_prompts[: cfg.samples]
     ptx = ptx_examples(cfg.ptx_data, tokenizer, gen, targs.max_length) if pargs.ptx_coef > 0 else []
@@ -585,7 +593,7 @@ def main(cfg: Config, reward_fn: RewardFn | None = None) -> dict:
     updates = total * pargs.epochs * mb_per_epoch
     print(f"ppo: policy {cfg.policy} ({'LoRA r=' + str(targs.lora.r) if targs.lora.enabled else 'all weights'}, "
           f"{gen.template} template); {source}; {len(prompts)} prompts ({too_long} longer than {targs.max_length} "
-          f"tokens left out); {total} steps x {targs.batch_size} rollouts, {pargs.epochs} epochs of "
+          f"tokens left out, {no_room.counts[invariants.NO_ROOM]} with no room for an answer); {total} steps x {targs.batch_size} rollouts, {pargs.epochs} epochs of "
           f"{mb_per_epoch} mini-batches; β {pargs.kl_coef}{' adaptive' if pargs.adaptive_kl else ''}"
           f"{f'; ptx {pargs.ptx_coef} on {len(ptx)} sequences' if ptx else ''}", flush=True)  # fmt: skip
 

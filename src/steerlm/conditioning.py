@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from steerlm.attributes import AttributeSchema, LengthBuckets, computed_from_dict, flip_levels, with_computed
 from steerlm.data import templates
-from steerlm.data.collate import pad
+from steerlm.data.collate import collate_packed, example_sums, model_inputs, pad
 from steerlm.data.records import ASSISTANT, Record, Turn
 from steerlm.errors import UserError
 
@@ -239,9 +239,11 @@ def pair_example(true: dict, alt: dict | None) -> dict:
             "alt_labels": alt_labels}  # fmt: skip
 
 
-def collate_pairs(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+def collate_pairs(examples: list[dict], pad_id: int, capacity: int = 0) -> dict[str, torch.Tensor]:
     """Examples (some with a corrupted twin) -> one padded batch of R = B + (twins) rows: the B true rows first, then
-    the twins. `pair_of` (R,) is -1 on true rows and, on a twin row, the index of its true row."""
+    the twins. `pair_of` (R,) is -1 on true rows and, on a twin row, the index of its true row. With `capacity` > 0,
+    the B + twins sequences are packed instead (`collate.collate_packed`, rows of at most `capacity` tokens) and
+    `pair_of` indexes those sequences in the same order."""
     ids = [e["input_ids"] for e in examples]
     labels = [e["labels"] for e in examples]
     pair_of = [-1] * len(examples)
@@ -250,6 +252,10 @@ def collate_pairs(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
             ids.append(e["alt_input_ids"])
             labels.append(e["alt_labels"])
             pair_of.append(i)
+    if capacity > 0:
+        packed = collate_packed([{"input_ids": s, "labels": x} for s, x in zip(ids, labels, strict=True)], pad_id,
+                                capacity)  # fmt: skip
+        return {**packed, "pair_of": torch.tensor(pair_of, dtype=torch.long)}
     return {
         "input_ids": pad(ids, pad_id),
         "attention_mask": pad([[1] * len(s) for s in ids], 0),
@@ -263,8 +269,8 @@ def collate_pairs(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 
 def token_nll(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token negative log-likelihood of the labelled tokens: (nll (R, T-1) float32, mask (R, T-1) bool), where
-    position t predicts token t+1 and the mask marks labels != -100 (SPEC §4)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    position t predicts token t+1 and the mask marks labels != -100 (SPEC §4). Padded or packed batches."""
+    logits = model(**model_inputs(batch)).logits
     labels = batch["labels"][:, 1:]
     nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=templates.IGNORE_INDEX,
                           reduction="none").view(labels.shape)  # fmt: skip
@@ -278,14 +284,15 @@ def conditioned_lm_loss(model, batch: dict, weight: float = 0.0) -> tuple[torch.
     `disc_loss` and `disc_acc` (share of pairs whose true line is the likelier)."""
     nll, mask = token_nll(model, batch)
     pair_of = batch.get("pair_of")
-    true_rows = pair_of < 0 if pair_of is not None else torch.ones(nll.shape[0], dtype=torch.bool, device=nll.device)
-    tokens = mask[true_rows].sum()
-    lm = (nll[true_rows] * mask[true_rows]).sum() / tokens.clamp(min=1)
+    seq_nll = example_sums(nll * mask, batch)  # (R,) summed NLL of each row's (packed: sequence's) answer tokens
+    tokens = example_sums(mask.float(), batch)
+    true_rows = pair_of < 0 if pair_of is not None else torch.ones_like(tokens, dtype=torch.bool)
+    lm = seq_nll[true_rows].sum() / tokens[true_rows].sum().clamp(min=1)
     metrics: dict = {"nll": lm.detach()}
     twins = ~true_rows
     if weight <= 0 or not bool(twins.any()):
         return lm, metrics
-    seq_logp = -(nll * mask).sum(dim=1)  # (R,) summed log p of each row's answer tokens
+    seq_logp = -seq_nll
     gap = seq_logp[twins] - seq_logp[pair_of[twins]]
     disc = F.softplus(gap).mean()
     metrics.update(disc_loss=disc.detach(), disc_acc=(gap < 0).float().mean().detach())
@@ -367,9 +374,12 @@ class ReadoutItem:
 
 
 def readout_items(records: Sequence[Record], schema: AttributeSchema, attributes: Sequence[str] | None = None,
-                  limit: int = 0) -> list[ReadoutItem]:  # fmt: skip
+                  limit: int = 0, *, tokenizer=None, style: str = "chat", max_length: int | None = None,
+                  ) -> list[ReadoutItem]:  # fmt: skip
     """The records' last trained, labelled answers (at most `limit`, 0: all), each cut to end there with the earlier
-    assistant turns as context only, and with their levels of `attributes` (default: the schema's)."""
+    assistant turns as context only, and with their levels of `attributes` (default: the schema's). With a
+    `tokenizer`, answers that right truncation at `max_length` would leave with nothing to score are passed over,
+    so `limit` counts answers that can be read."""
     names = tuple(attributes or schema.names)
     items = []
     for r in records:
@@ -382,7 +392,10 @@ def readout_items(records: Sequence[Record], schema: AttributeSchema, attributes
             continue
         convo = [Turn(t.role, t.value, t.label, {**t.extra, templates.NO_LOSS: True} if i != j and t.role == ASSISTANT
                       else dict(t.extra)) for i, t in enumerate(r.conversations[: j + 1])]  # fmt: skip
-        items.append(ReadoutItem(Record(convo, r.system, r.mask, r.type, dict(r.extra)), j, levels))
+        item = ReadoutItem(Record(convo, r.system, r.mask, r.type, dict(r.extra)), j, levels)
+        if tokenizer is not None and templates.encode(item.record, tokenizer, style, max_length) is None:
+            continue
+        items.append(item)
         if limit and len(items) >= limit:
             break
     return items

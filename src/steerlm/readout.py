@@ -84,7 +84,15 @@ def main(cfg: Config) -> dict:
     records = read_records(path, skip_invalid=cfg.skip_invalid)
     conditioning.add_computed_labels(records, gen.computed, gen.schema.levels)
     try:
-        items = conditioning.readout_items(records, gen.schema, cfg.attributes or None, cfg.examples)
+        items = conditioning.readout_items(
+            records,
+            gen.schema,
+            cfg.attributes or None,
+            cfg.examples,
+            tokenizer=gen.tokenizer,
+            style=gen.template,
+            max_length=cfg.max_length,
+        )
     except UserError as e:
         raise UserError(f"a label does not fit the model's {gen.schema.levels} levels: {e.reason}", file=str(path),
                         field=e.field) from None  # fmt: skip

@@ -2,18 +2,22 @@
 
     steerlm sft --model=smollm2-135m-instruct --data=runs/x/prepare --out=runs/x/sft
     steerlm sft --model=tiny-lm --data=train.jsonl --val_data=val.jsonl --train.lora.r=8 --train.lr=2e-4
+    steerlm sft --data=runs/x/prepare --out=runs/x/sft-nll --conditioning_loss.weight=0    # plain answer NLL
     torchrun --nproc_per_node 4 -m steerlm.cli sft --config configs/sft.yaml      # data-parallel (docs/sft.md)
 
 1. read VALUE_TO_TEXT records (a `steerlm prepare`/`annotate` folder with train.jsonl and val.jsonl, or files);
    keep every quality level (SteerLM learns from all of them), or with `min_quality` train only on answers at
    or above a quality level (the paper's high-quality-subset baseline; lower answers stay as context);
 2. choose what conditions the answers: the attribute string of each assistant turn (all attributes in the data, or
-   `attributes`), or nothing (`conditioning: none`: the labels are removed, so the attribute line is absent);
+   `attributes`, plus computed ones such as `verbosity`), or nothing (`conditioning: none`: the labels are removed,
+   so the attribute line is absent);
 3. encode with the one masking function (`templates.encode`, SPEC §4): the loss falls on the answers and their end
-   marker only; records with no trainable token left after truncation are dropped and counted;
-4. train with the shared loop (`train.fit`: accelerate, validation loss each epoch, resumable checkpoints) and keep
-   the best model by validation loss in `out/best` (a model folder, or a LoRA adapter folder, plus
-   `steerlm_model.json` telling `steerlm generate` the schema, template and conditioning).
+   marker only; records with no trainable token left after truncation are dropped and counted. Each labelled
+   answer also gets a corrupted twin for the discriminative term (`conditioning.py`);
+4. train with the shared loop (`train.fit`: accelerate, validation loss, flip gap and the model's own attribute
+   read-out at each validation, resumable checkpoints) on the NLL plus the discriminative term, and keep the best
+   model by validation loss in `out/best` (a model folder, or a LoRA adapter folder, plus `steerlm_model.json`
+   telling `steerlm generate` the schema, template and conditioning).
 """
 
 from __future__ import annotations
@@ -321,7 +325,7 @@ def run(cfg: Config) -> tuple[dict, torch.nn.Module]:
     """Train; returns (summary, trained model). `main` returns the summary only."""
     from steerlm.data.oasst import split_by_tree
 
-    accelerator = train.make_accelerator(cfg.train.grad_accum)
+    accelerator = train.accelerator_for(cfg.train)  # precision 'auto' resolved here, so config.yaml records it
     say = accelerator.print
     out = prepare_out(cfg, accelerator)
 
@@ -443,14 +447,16 @@ def run(cfg: Config) -> tuple[dict, torch.nn.Module]:
     def save_best(m, metrics: dict) -> None:
         models.save_model(m, tokenizer, out / BEST, META, out_meta)
 
-    collate = partial(conditioning.collate_pairs, pad_id=tokenizer.pad_token_id)
+    collate = partial(conditioning.collate_pairs, pad_id=tokenizer.pad_token_id,
+                      capacity=cfg.train.max_length if cfg.train.packing else 0)  # fmt: skip
     flips = None
     if schema is not None and cfg.flip_gap and val_records:
         flips = conditioning.flip_sets(val_records, schema, tokenizer, style, cfg.train.max_length,
                                        cfg.flip_gap_examples, cfg.flip_each)  # fmt: skip
     readouts: list[dict] = []
     readout_fn = None
-    items = conditioning.readout_items(val_records, schema, limit=cfg.readout_examples) if schema else []
+    items = (conditioning.readout_items(val_records, schema, limit=cfg.readout_examples, tokenizer=tokenizer,
+                                        style=style, max_length=cfg.train.max_length) if schema else [])  # fmt: skip
     if items and cfg.readout_examples > 0:
 
         def readout_fn(m) -> dict:

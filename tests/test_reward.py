@@ -277,3 +277,18 @@ def test_train_rm_refuses_when_no_comparison_is_left_after_tokenization(tmp_path
     err = capsys.readouterr().err
     assert "train.max_length" in err and "no training comparison left after tokenization" in err
     assert "'identical after tokenization': 6" in err
+
+
+def test_answers_that_read_the_same_to_the_reward_model_tie_exactly(tmp_path):
+    # Evaluation pairs judged by a reward model (steerlm evaluate): two answers whose tokens, after the scorer's
+    # truncation, are the same must tie, whatever else shares their batches.
+    from steerlm.evaluate import outcome
+
+    out = tmp_path / "rm"
+    reward.main(reward.Config(data=[yes_no_pairs(tmp_path / "p.jsonl")], out=str(out), model="tiny-encoder",
+                              val_fraction=0.5, train=reward.RMTrainArgs(max_steps=1, max_length=24)))  # fmt: skip
+    rm = reward.load_rm(out)
+    a, b = "Yes. " + SHARED_ENDING, "No. " + SHARED_ENDING  # differ only where a 24-token window cannot see
+    others = [("Hi", "x " * n) for n in range(1, 12)]
+    scores = rm.score([("Is it ok?", a), *others, ("Is it ok?", b)], batch_size=3)
+    assert scores[0] == scores[-1] and outcome(scores[0], scores[-1]) == 0.5

@@ -207,18 +207,25 @@ class RewardModel(nn.Module):
 def score_ids(
     model: RewardModel, ids: list[list[int]], pad_id: int, batch_size: int, progress: bool = False
 ) -> list[float]:
-    """Scores of tokenized conversations, in length-sorted batches (little padding), returned in input order."""
+    """Scores of tokenized conversations, in length-sorted batches (little padding), returned in input order.
+
+    Each distinct token sequence is scored once, so inputs that read the same to the model (two answers identical
+    after tokenization and truncation) get exactly the same score, a tie, not one decided by the float noise of
+    where they fell in a batch."""
     dev = next(model.parameters()).device
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    out = [0.0] * len(ids)
+    distinct: dict[tuple[int, ...], int] = {}
+    where = [distinct.setdefault(tuple(s), len(distinct)) for s in ids]
+    unique = list(distinct)
+    order = sorted(range(len(unique)), key=lambda i: len(unique[i]))
+    scores = [0.0] * len(unique)
     with torch.inference_mode():
         for start in tqdm(range(0, len(order), batch_size), desc="score", disable=not progress, leave=False):
             chunk = order[start : start + batch_size]
-            rows = [ids[i] for i in chunk]
+            rows = [list(unique[i]) for i in chunk]
             x, mask = pad(rows, pad_id).to(dev), pad([[1] * len(r) for r in rows], 0).to(dev)
             for i, r in zip(chunk, model(x, mask).float().cpu().tolist(), strict=True):
-                out[i] = r
-    return out
+                scores[i] = r
+    return [scores[k] for k in where]
 
 
 class RewardScorer:

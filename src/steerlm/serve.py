@@ -599,11 +599,11 @@ class Service:
         system = "\n\n".join(system_parts) if system_parts else self.gen.system
         return Record(turns, system)
 
-    def prompt_ids(self, record: Record, levels: dict[str, int] | None) -> list[int]:
+    def prompt_ids(self, record: Record, levels: dict[str, int] | None, param: str = "messages") -> list[int]:
         try:
             return self.gen.prompt_ids(record, levels)
         except UserError as e:
-            raise ApiError(422, str(e)) from None
+            raise ApiError(422, f"{param}: {e}", param=param) from None
 
     def raw_ids(self, text: str, add_bos: bool = False) -> list[int]:
         ids = templates.encode_text_segments([text], self.tokenizer, add_bos=add_bos)
@@ -1000,7 +1000,7 @@ def create_app(cfg: Config | str, *, generator=None, apm=None):
         levels = svc.levels(req.attributes) if templated else None
         records = [Record([Turn(USER, t)], generator.system) for t in texts]
         prompts = [
-            svc.prompt_ids(r, levels) if templated else svc.raw_ids(t) for r, t in zip(records, texts, strict=True)
+            svc.prompt_ids(r, levels, "prompt") if templated else svc.raw_ids(t) for r, t in zip(records, texts, strict=True)
         ]
         max_tokens = svc.answer_budget(prompts, requested, "prompt")
         base = svc.openai_sampling(req, max_tokens)

@@ -1000,7 +1000,8 @@ def create_app(cfg: Config | str, *, generator=None, apm=None):
         levels = svc.levels(req.attributes) if templated else None
         records = [Record([Turn(USER, t)], generator.system) for t in texts]
         prompts = [
-            svc.prompt_ids(r, levels, "prompt") if templated else svc.raw_ids(t) for r, t in zip(records, texts, strict=True)
+            svc.prompt_ids(r, levels, "prompt") if templated else svc.raw_ids(t)
+            for r, t in zip(records, texts, strict=True)
         ]
         max_tokens = svc.answer_budget(prompts, requested, "prompt")
         base = svc.openai_sampling(req, max_tokens)

@@ -49,6 +49,12 @@ def test_corruption_moves_one_attribute_to_another_level_far_more_often():
     assert set(uniform) == {1, 2, 3} and max(uniform.values()) - min(uniform.values()) < 200
     with pytest.raises(ValueError):
         conditioning.corrupt_levels({}, 3, rng)
+    # 'each': every attribute moves with probability 1/2, at least one moves
+    n_moved = Counter()
+    for _ in range(3000):
+        new = conditioning.corrupt_levels({"humor": 0, "verbosity": 2}, 3, rng, mode="each")
+        n_moved[sum(new[k] != v for k, v in {"humor": 0, "verbosity": 2}.items())] += 1
+    assert n_moved[0] == 0 and abs(n_moved[2] / 3000 - 1 / 4) < 0.04  # none moved: one is drawn instead
 
 
 def test_corrupt_records_only_touches_trained_labelled_turns():
@@ -143,7 +149,7 @@ def test_sft_logs_the_readout_and_the_discriminative_term(tmp_path):
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("disc_loss" in r for r in rows) and any("readout_humor_accuracy" in r for r in rows)
     meta = json.loads((out / "best" / "steerlm_model.json").read_text())
-    assert meta["conditioning_loss"] == {"weight": 1.0, "distance_power": 1.0}
+    assert meta["conditioning_loss"] == {"weight": 1.0, "distance_power": 1.0, "corrupt": "one"}
     # the command: any SteerLM model and a records file
     report = tmp_path / "readout.json"
     assert cli.run(["readout", f"--model={out / 'best'}", f"--data={data}", f"--out={report}", "--examples=3"]) == 0

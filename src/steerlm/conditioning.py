@@ -42,6 +42,8 @@ from steerlm.data.collate import collate_packed, example_sums, model_inputs, pad
 from steerlm.data.records import ASSISTANT, Record, Turn
 from steerlm.errors import UserError
 
+#: How many attributes of a label a corruption moves (`ConditioningLossArgs.corrupt`).
+CORRUPT_MODES = ("one", "each")
 #: Length-bucket edges written by `steerlm prepare --computed=verbosity` beside train.jsonl.
 COMPUTED_FILE = "computed.json"
 
@@ -55,12 +57,17 @@ class ConditioningLossArgs:
     answer's tokens) added to the per-token NLL. 0 trains plain NLL (no corrupted rows are built). Each trained
     answer costs a second row in the same forward pass (2x the rows, not 2x the steps)."""
     distance_power: float = 1.0
-    """How the corrupted level is drawn: one attribute of the label (uniformly), moved to another level with
-    probability proportional to |new - true| ** distance_power. 1 (default) favours far levels, whose difference
-    the answer shows most, yet keeps near levels in play so neighbouring levels are told apart too; 0 draws the
-    other levels uniformly."""
+    """How a corrupted level is drawn: another level, with probability proportional to |new - true| **
+    distance_power. 1 (default) favours far levels, whose difference the answer shows most, yet keeps near levels
+    in play so neighbouring levels are told apart too; 0 draws the other levels uniformly."""
+    corrupt: str = "one"
+    """Which attributes of the label move: 'one' (drawn uniformly: every pair contrasts exactly one attribute) or
+    'each' (every attribute independently with probability 1/2, at least one: with several attributes, each is
+    contrasted in more of the pairs)."""
 
     def __post_init__(self):
+        if self.corrupt not in CORRUPT_MODES:
+            raise ValueError(f"corrupt must be one of {', '.join(CORRUPT_MODES)}, not {self.corrupt!r}")
         if not (self.weight >= 0 and math.isfinite(self.weight)):
             raise ValueError(f"weight must be a finite number >= 0, not {self.weight}")
         if not (0 <= self.distance_power <= 8):
@@ -178,20 +185,27 @@ def oversample_copies(records: list[Record], schema: AttributeSchema, max_copies
 # ---------------------------------------------------------------- corrupted attribute strings
 
 
-def corrupt_levels(levels: dict[str, int], max_level: int, rng: random.Random, power: float = 1.0) -> dict[str, int]:
-    """`levels` with one attribute (drawn uniformly) moved to another level, drawn with probability proportional to
-    |new - old| ** power. Raises ValueError for an empty mapping or a schema with one level."""
+def corrupt_levels(levels: dict[str, int], max_level: int, rng: random.Random, power: float = 1.0,
+                   mode: str = "one") -> dict[str, int]:  # fmt: skip
+    """`levels` with attributes moved to other levels, each new level drawn with probability proportional to
+    |new - old| ** power: one attribute drawn uniformly (`mode` 'one'), or every attribute with probability 1/2 and
+    at least one ('each'). Raises ValueError for an empty mapping or a schema with one level."""
     if not levels or max_level < 1:
         raise ValueError("nothing to corrupt: no attribute, or only one level")
-    name = rng.choice(sorted(levels))
-    old = levels[name]
-    choices = [v for v in range(max_level + 1) if v != old]
-    new = rng.choices(choices, weights=[abs(v - old) ** power for v in choices])[0]
-    return {**levels, name: new}
+    names = sorted(levels)
+    if mode == "each":
+        moved = [n for n in names if rng.random() < 0.5] or [rng.choice(names)]
+    else:
+        moved = [rng.choice(names)]
+    out = dict(levels)
+    for name in moved:
+        choices = [v for v in range(max_level + 1) if v != levels[name]]
+        out[name] = rng.choices(choices, weights=[abs(v - levels[name]) ** power for v in choices])[0]
+    return out
 
 
-def corrupt_records(records: Sequence[Record], schema: AttributeSchema, seed: int,
-                    power: float = 1.0) -> list[Record | None]:  # fmt: skip
+def corrupt_records(records: Sequence[Record], schema: AttributeSchema, seed: int, power: float = 1.0,
+                    mode: str = "one") -> list[Record | None]:  # fmt: skip
     """For each record, a copy whose trained, labelled assistant turns each carry a corrupted attribute string
     (`corrupt_levels`, seeded by `seed` and the record's position); None where no trained turn has a label (label
     dropout, or unlabelled data) — such records get no discriminative term."""
@@ -203,7 +217,7 @@ def corrupt_records(records: Sequence[Record], schema: AttributeSchema, seed: in
             label = r.conversations[j].label
             levels = schema.parse(label) if label else {}
             if levels:
-                new[j] = schema.render(corrupt_levels(levels, schema.max_level, rng, power))
+                new[j] = schema.render(corrupt_levels(levels, schema.max_level, rng, power, mode))
         out.append(_copy(r, new) if new else None)
     return out
 

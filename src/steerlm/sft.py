@@ -409,7 +409,7 @@ def run(cfg: Config) -> tuple[dict, torch.nn.Module]:
     weight = cfg.conditioning_loss.weight if schema is not None else 0.0
     if weight > 0:
         twins = conditioning.corrupt_records([plan_records[i] for i in kept], schema, cfg.train.seed,
-                                             cfg.conditioning_loss.distance_power)  # fmt: skip
+                                             cfg.conditioning_loss.distance_power, cfg.conditioning_loss.corrupt)  # fmt: skip
         for n, twin in enumerate(twins):
             alt = templates.encode(twin, tokenizer, style, cfg.train.max_length) if twin is not None else None
             train_examples[n] = conditioning.pair_example(train_examples[n], alt)
@@ -442,7 +442,8 @@ def run(cfg: Config) -> tuple[dict, torch.nn.Module]:
     if schema is not None and cfg.label_dropout > 0:
         out_meta["label_dropout"] = cfg.label_dropout  # the unconditional prompt was trained (attribute guidance)
     if weight > 0:
-        out_meta["conditioning_loss"] = {"weight": weight, "distance_power": cfg.conditioning_loss.distance_power}
+        out_meta["conditioning_loss"] = {"weight": weight, "distance_power": cfg.conditioning_loss.distance_power,
+                                         "corrupt": cfg.conditioning_loss.corrupt}  # fmt: skip
 
     def save_best(m, metrics: dict) -> None:
         models.save_model(m, tokenizer, out / BEST, META, out_meta)

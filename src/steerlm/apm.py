@@ -38,7 +38,7 @@ from steerlm import models, train
 from steerlm.attributes import HELPSTEER, NAMED_SETS, OASST_LABELS, STEERABLE, AttributeSchema
 from steerlm.config import TrainArgs
 from steerlm.data import templates
-from steerlm.data.collate import pad
+from steerlm.data.collate import collate_packed, model_inputs, pad
 from steerlm.data.records import ASSISTANT, DEFAULT_SYSTEM, TEXT_TO_VALUE, Record, Turn, record_from_json
 from steerlm.errors import UserError
 from steerlm.io import read_jsonl
@@ -116,6 +116,8 @@ class Config:
             raise ValueError("length_feature is a regression APM input; a generative APM reads the text")
         if self.kind == "generative" and self.backbone == "encoder":
             raise ValueError("a generative APM needs a causal LM backbone, not an encoder")
+        if self.kind == "regression" and self.train.packing:
+            raise ValueError("train.packing is for the generative APM; a regression APM pools each row")
 
 
 def resolve_attributes(items: Sequence[str]) -> tuple[str, ...]:
@@ -661,10 +663,12 @@ def main(cfg: Config) -> dict:
         dropped = dict(counts)
 
         def collate(rows):
+            if cfg.train.packing:  # several examples per row, attention kept inside each (data/collate.py)
+                return collate_packed(rows, tokenizer.pad_token_id, max_length)
             return _collate_lm(rows, tokenizer.pad_token_id)
 
         def loss_fn(m, batch):
-            return m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss, {}  # fmt: skip
+            return m(**model_inputs(batch), labels=batch["labels"]).loss, {}
 
     print(f"train-apm: {cfg.kind} APM on {cfg.model} ({backbone}, {pooling if cfg.kind == 'regression' else cfg.template}); "
           f"{len(train_rows)} train / {len(val_rows)} val examples; attributes {','.join(schema.names)} (L={levels})"

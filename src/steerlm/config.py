@@ -44,6 +44,10 @@ class LoraArgs:
         return self.r > 0
 
 
+#: Accepted values of `TrainArgs.precision`.
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
 @dataclasses.dataclass
 class TrainArgs:
     """Optimisation settings shared by every training stage (APM, SFT, reward model, PPO)."""
@@ -84,6 +88,14 @@ class TrainArgs:
     """Experiment trackers that also get the metrics.jsonl rows: 'none', 'tensorboard' (events under
     <out>/tensorboard), 'wandb' (set WANDB_MODE=offline to keep the run on disk) or 'tensorboard,wandb'; needs
     `pip install 'steerlm[tracking]'` (docs/sft.md)."""
+    precision: str = "auto"
+    """Mixed precision of training (accelerate's autocast; the weights stay fp32 masters): 'auto' (bf16 where it
+    pays: CUDA with bf16, or a CPU with AVX512-BF16 or AMX; else fp32 — chosen, with the reason, in the log, and
+    written in place of 'auto' in the saved config), 'fp32', 'bf16' or 'fp16' (CUDA only). docs/performance.md."""
+    packing: bool = False
+    """Pack several examples into each row (position ids restart per example, so attention stays inside each;
+    labels and their SPEC §4 masks unchanged), instead of padding every row to the batch's longest. `batch_size`
+    examples (and their corrupted twins) still make one micro-batch. SFT and the generative APM."""
 
     def __post_init__(self):
         from steerlm.tracking import parse
@@ -100,6 +112,8 @@ class TrainArgs:
             raise ValueError(f"head_lr must be >= 0, not {self.head_lr}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), not {self.warmup_ratio}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
 
 
 # ---------------------------------------------------------------- building dataclasses from plain values

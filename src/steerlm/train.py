@@ -21,22 +21,76 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from steerlm import tracking
 from steerlm.config import TrainArgs
+from steerlm.data.collate import n_tokens
 from steerlm.errors import UserError
 
 CHECKPOINT = "checkpoint"
 METRICS = "metrics.jsonl"
 
 
-def make_accelerator(grad_accum: int = 1) -> Accelerator:
-    """CPU unless CUDA is present. Under torchrun on CPU each process must say `cpu=True` explicitly, or accelerate
-    treats every process as a lone one (ENVIRONMENT.md)."""
-    return Accelerator(cpu=not torch.cuda.is_available(), gradient_accumulation_steps=grad_accum)
+def cpu_has_fast_bf16() -> bool:
+    """True when this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX tiles). Elsewhere oneDNN emulates bf16 and
+    is slower than fp32: on an AVX2-only EPYC a 1024x1024 bf16 matmul ran at 0.9 GFLOP/s against 76 in fp32, and a
+    Linear forward+backward under CPU autocast 15x slower (docs/performance.md)."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def resolve_precision(precision: str, cuda: bool | None = None) -> tuple[str, str]:
+    """('fp32' | 'bf16' | 'fp16', why) for a `TrainArgs.precision` on this machine (`cuda`: default, whether CUDA is
+    present). 'auto' takes bf16 only where it pays: CUDA with bf16 support, or a CPU with AVX512-BF16/AMX
+    (`cpu_has_fast_bf16`); fp32 elsewhere. Errors (UserError, field train.precision): fp16 without CUDA (CPU autocast
+    has no fp16 loss scaling), bf16 on a CUDA device without it."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    where = f"CUDA {torch.cuda.get_device_name()}" if cuda else f"CPU ({torch.backends.cpu.get_cpu_capability()})"
+    if precision == "fp16" and not cuda:
+        raise UserError("fp16 mixed precision needs a CUDA device; use bf16 or fp32 on a CPU", field="train.precision")
+    if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        raise UserError(f"{where} has no bf16; use fp16 or fp32", field="train.precision")
+    if precision != "auto":
+        return precision, f"asked for, on {where}"
+    if cuda:
+        if torch.cuda.is_bf16_supported():
+            return "bf16", f"auto: {where} supports bf16"
+        return "fp32", f"auto: {where} has no bf16"
+    if cpu_has_fast_bf16():
+        return "bf16", f"auto: {where} has AVX512-BF16/AMX"
+    return "fp32", f"auto: {where} has no AVX512-BF16 or AMX, where bf16 is emulated and slower than fp32"
+
+
+def make_accelerator(grad_accum: int = 1, precision: str = "fp32") -> Accelerator:
+    """CPU unless CUDA is present, with `precision` (a `TrainArgs.precision`) as accelerate's mixed precision: bf16 or
+    fp16 autocast of the forward pass with fp32 master weights. Prints what it chose and why. Under torchrun on CPU
+    each process must say `cpu=True` explicitly, or accelerate treats every process as a lone one (ENVIRONMENT.md)."""
+    chosen, why = resolve_precision(precision)
+    mixed = "no" if chosen == "fp32" else chosen
+    if AcceleratorState._shared_state.get("_mixed_precision", mixed) != mixed:
+        # accelerate keeps one mixed precision per process and refuses another; a later stage of the same process
+        # (the pipeline, tests) may train in another precision. The process group (PartialState) is kept.
+        AcceleratorState._reset_state()
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), gradient_accumulation_steps=grad_accum,
+                              mixed_precision=mixed)  # fmt: skip
+    accelerator.print(f"precision: {chosen} ({why})")
+    return accelerator
+
+
+def accelerator_for(args: TrainArgs) -> Accelerator:
+    """`make_accelerator` for these settings; `args.precision` 'auto' is replaced by what it chose, so the config a
+    stage saves records the precision it trained in."""
+    accelerator = make_accelerator(args.grad_accum, args.precision)
+    args.precision = precision_of(accelerator)
+    return accelerator
+
+
+def precision_of(accelerator: Accelerator) -> str:
+    """'fp32', 'bf16' or 'fp16': the mixed precision an accelerator trains in."""
+    return {"no": "fp32"}.get(accelerator.mixed_precision, accelerator.mixed_precision)
 
 
 def set_seed(seed: int) -> None:
@@ -191,7 +245,7 @@ def fit(
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    accelerator = accelerator or make_accelerator(args.grad_accum)
+    accelerator = accelerator or accelerator_for(args)
     set_seed(args.seed)
     plan0 = batch_plan(len(train_examples), args.batch_size, args.seed, 0, groups)
     steps_per_epoch, total_steps = count_steps(len(plan0), args, accelerator.num_processes)
@@ -251,8 +305,7 @@ def fit(
             state["micro_batch"] += 1
             window_loss += loss.detach().float().item()
             window_n += 1
-            if "attention_mask" in batch:
-                tokens += int(batch["attention_mask"].sum()) * accelerator.num_processes
+            tokens += n_tokens(batch) * accelerator.num_processes
             if not accelerator.sync_gradients:
                 continue
             state["step"] += 1
@@ -285,7 +338,8 @@ def fit(
     _save_checkpoint(accelerator, out, state)
     log.close()
     summary = {"steps": state["step"], "epochs": round(state["step"] / steps_per_epoch, 2), "best": state["best"], "best_step": state["best_step"],
-               "seconds": round(time.time() - start, 1), **{f"last_{k}": v for k, v in last_eval.items()}}  # fmt: skip
+               "seconds": round(time.time() - start, 1), "precision": precision_of(accelerator),
+               **{f"last_{k}": v for k, v in last_eval.items()}}  # fmt: skip
     return summary
 
 

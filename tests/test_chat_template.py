@@ -232,3 +232,36 @@ def test_transformers_alone_answers_as_steerlm_generate(style, tmp_path, oasst_s
     meta = json.loads((folder / "steerlm_model.json").read_text())
     assert meta["template"] == style
     assert Path(folder / "README.md").read_text().startswith("---\n")
+
+
+#: Messages whose whitespace meets a segment edge: the same text, possibly other tokens (docs/serve.md).
+WHITESPACE_EDGES = [
+    [{"role": "user", "content": "Hi\n"}],
+    [{"role": "user", "content": "  Hi  "}],
+    [{"role": "system", "content": "Be brief.\n\n"}, {"role": "user", "content": "Hi"}],
+    [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!\n"},
+        {"role": "user", "content": "x"},
+    ],
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("style", STYLES)
+def test_smollm2_tokenizer_ordinary_prompts_are_token_identical(style):
+    tok = models.load_tokenizer(models.SMOLLM2)
+    schema = AttributeSchema("steerable")
+    template = chat_template.build(style, schema, tok.chat_template)
+    assert chat_template.check(tok, style, schema, template) == []
+    for messages in CONVERSATIONS.values():
+        plain = [{k: v for k, v in m.items() if k != "attributes"} for m in messages]
+        if any(text_of(m["content"]) != text_of(m["content"]).strip() for m in plain):
+            continue  # whitespace at an edge: below
+        want = chat_template.steerlm_prompt_ids(plain, {"humor": 3}, style, schema, tok)
+        assert jinja_ids(tok, template, plain, attributes={"humor": 3}) == want
+    for messages in WHITESPACE_EDGES:  # the text is always the same; only how whitespace runs merge may differ
+        want = chat_template.steerlm_prompt_ids(messages, {"humor": 3}, style, schema, tok)
+        got = jinja_ids(tok, template, messages, attributes={"humor": 3})
+        assert tok.decode(got) == tok.decode(want)
+        assert abs(len(got) - len(want)) <= 1

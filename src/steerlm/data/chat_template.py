@@ -218,7 +218,7 @@ _PROBES = (
         [
             {"role": "system", "content": "You answer briefly."},
             {"role": "user", "content": "Tell me a joke."},
-            {"role": "assistant", "content": " Why did the chicken cross the road?\n"},
+            {"role": "assistant", "content": "Why did the chicken cross the road?"},
             {"role": "user", "content": "Another one, please."},
         ],
         "own",
@@ -234,14 +234,15 @@ def steerlm_prompt_ids(messages: list[Mapping], attributes: Mapping | None, styl
     label = schema.render(schema.with_defaults(attributes)) if schema is not None and attributes is not None else None
     system, turns = [], []
     for m in messages:
+        content = m["content"] if isinstance(m["content"], str) else "".join(p["text"] for p in m["content"])
         if m["role"] in ("system", "developer"):
-            system.append(m["content"])
+            system.append(content)
             continue
         own = m.get("attributes")
         turn_label = None
         if m["role"] == "assistant" and schema is not None:
             turn_label = schema.render(schema.with_defaults(own)) if own is not None else label
-        turns.append(Turn(USER if m["role"] == "user" else ASSISTANT, m["content"], turn_label))
+        turns.append(Turn(USER if m["role"] == "user" else ASSISTANT, content, turn_label))
     record = Record(turns, "\n\n".join(system) if system else DEFAULT_SYSTEM)
     segments = templates.inference_segments(record, label, style, tokenizer)
     return templates.encode_text_segments(segments, tokenizer)
@@ -250,7 +251,12 @@ def steerlm_prompt_ids(messages: list[Mapping], attributes: Mapping | None, styl
 def check(tokenizer, style: str, schema: AttributeSchema | None, template: str | None = None) -> list[str]:
     """Render probe conversations through `template` (default: the tokenizer's) with transformers and through
     steerlm's own prompt builder; the differences found, as readable lines (empty: token for token the same).
-    A tokenizer that merges across the segment boundaries steerlm tokenizes at can make them differ."""
+
+    The texts are always equal; the tokens can differ because steerlm tokenizes segment by segment (as training
+    does, `templates.encode`) while engines tokenize the whole text. The probes are ordinary messages, so a
+    difference here hits every prompt (e.g. a tokenizer that puts a prefix space before each segment). Beyond
+    them, a message whose text ends in whitespace (NeMo style: a trailing newline; `"\n\n"` is one token for
+    SmolLM2 at a segment's end) can tokenize differently at that spot (docs/serve.md)."""
     template = template if template is not None else tokenizer.chat_template
     problems = []
     levels = {schema.names[0]: 0} if schema is not None else None

@@ -41,6 +41,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
@@ -275,6 +276,27 @@ class ValueHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.linear(hidden.float()).squeeze(-1)
+
+
+#: The value head beside a finished policy (safetensors: tensors only, nothing executed when read).
+VALUE_HEAD = "value_head.safetensors"
+#: What earlier versions wrote instead (a pickled state dict); `load_value_head` still reads it.
+LEGACY_VALUE_HEAD = "value_head.pt"
+
+
+def load_value_head(folder: str | Path) -> ValueHead:
+    """The value head saved beside a PPO policy: `value_head.safetensors`, or an older folder's `value_head.pt`
+    (read with `weights_only=True`, so it can hold tensors only). A folder with neither is a UserError."""
+    folder = Path(folder)
+    if (folder / VALUE_HEAD).exists():
+        state = load_file(str(folder / VALUE_HEAD))
+    elif (folder / LEGACY_VALUE_HEAD).exists():
+        state = torch.load(folder / LEGACY_VALUE_HEAD, map_location="cpu", weights_only=True)
+    else:
+        raise UserError(f"no {VALUE_HEAD} (nor an older {LEGACY_VALUE_HEAD})", file=str(folder))
+    head = ValueHead(state["linear.weight"].shape[1])
+    head.load_state_dict(state)
+    return head
 
 
 @dataclass
@@ -723,7 +745,9 @@ def main(cfg: Config, reward_fn: RewardFn | None = None) -> dict:
     out_meta = {"attributes": meta.get("attributes"), "template": gen.template, "conditioning": gen.conditioning,
                 "base_model": cfg.policy, "lora": False, "rlhf": "ppo"}  # fmt: skip
     models.save_model(final, tokenizer, staging, META, out_meta)
-    torch.save(value_head.state_dict(), staging / "value_head.pt")
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in value_head.state_dict().items()}, str(staging / VALUE_HEAD)
+    )
     models.publish_into(staging, out, META)
     shutil.rmtree(out / train.CHECKPOINT, ignore_errors=True)
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from steerlm import cli, config, ppo
+from steerlm.errors import UserError
 from steerlm.generate import Generator
 
 pytestmark = pytest.mark.usefixtures("one_thread", "private_cache")
@@ -209,3 +210,18 @@ def test_prompts_with_no_room_for_an_answer_are_left_out_and_counted(tmp_path, c
     ppo.main(cfg, reward_fn=newlines)
     assert f"{len(PROMPTS)} prompts (0 longer than 4096 tokens left out, 1 with no room for an answer)" in (
         capsys.readouterr().out)  # fmt: skip
+
+
+def test_the_value_head_is_saved_as_safetensors_and_old_pickles_still_load(tmp_path):
+    ppo.main(make_cfg(tmp_path, "ppo", **{"train.max_steps": 1, "ppo.epochs": 1}), reward_fn=newlines)
+    out = tmp_path / "ppo"
+    assert (out / ppo.VALUE_HEAD).exists() and not (out / ppo.LEGACY_VALUE_HEAD).exists()
+    head = ppo.load_value_head(out)
+    assert head.linear.weight.abs().sum() > 0  # trained (it starts at zero)
+    old = tmp_path / "old"  # a folder as earlier versions wrote it: a pickled state dict
+    old.mkdir()
+    torch.save(head.state_dict(), old / ppo.LEGACY_VALUE_HEAD)
+    again = ppo.load_value_head(old)
+    assert all(torch.equal(a, b) for a, b in zip(head.state_dict().values(), again.state_dict().values(), strict=True))
+    with pytest.raises(UserError, match="value_head.safetensors"):
+        ppo.load_value_head(tmp_path)

@@ -37,7 +37,7 @@ from steerlm import config as config_lib
 from steerlm.attributes import COMPUTED, NAMED_SETS, AttributeSchema, LengthBuckets, computed_to_dict
 from steerlm.conditioning import ConditioningLossArgs
 from steerlm.config import TrainArgs
-from steerlm.data import templates
+from steerlm.data import invariants, templates
 from steerlm.data.records import ASSISTANT, VALUE_TO_TEXT, Record, Turn, read_records
 from steerlm.errors import UserError
 from steerlm.io import write_json
@@ -239,11 +239,10 @@ def encode_records(records: list[Record], tokenizer, style: str, max_length: int
     """As `build_examples`, also returning the index of each example's record; `count[i]` False leaves a dropped
     record out of the counts (an oversampled copy)."""
     examples, kept, dropped = [], [], Counter()
+    rows, copies = invariants.Rows(dropped), invariants.Rows()  # an oversampled copy is not counted again
     for i, r in enumerate(records):
-        ex = templates.encode(r, tokenizer, style, max_length)
-        if ex is None:
-            if count is None or count[i]:
-                dropped["no trainable tokens after truncation"] += 1
+        ex = templates.encode(r, tokenizer, style, max_length)  # None: the shared nothing-to-learn check failed
+        if not (rows if count is None or count[i] else copies).keep(None if ex else invariants.NOTHING_TO_LEARN):
             continue
         examples.append(ex)
         kept.append(i)

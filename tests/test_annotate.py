@@ -11,8 +11,9 @@ import sys
 import time
 
 import pytest
+import yaml
 
-from steerlm import annotate, apm, cli
+from steerlm import annotate, apm, cli, pipeline
 from steerlm import config as config_lib
 from steerlm.attributes import AttributeSchema
 from steerlm.data.records import Record, Turn, read_records, write_records
@@ -62,7 +63,8 @@ def test_annotate_records_keeps_order_and_human_labels(work, tmp_path):
     scorer = apm.load_apm(work / "apm")
     for record in after[:5]:
         for i, example in apm.assistant_prefixes(record):
-            assert scorer.label(scorer.predict([example], batch_size=1)[0]) == record.conversations[i].label
+            pred = scorer.predict([example], batch_size=1)[0]
+            assert scorer.label(pred, calibrated=True) == record.conversations[i].label
 
     # annotating an annotated file keeps the original human label as gt_label
     again = tmp_path / "again.jsonl"
@@ -146,3 +148,48 @@ def test_annotate_resumes_after_a_kill(work, tmp_path):
     assert out.read_bytes() == expected.read_bytes()
     assert not partial.exists() and not progress.exists()
     assert _run(work, input=str(source), out=str(out), resume=True)["records"] == 0  # already complete
+
+
+def test_annotate_calibrates_labels_and_says_so(work, tmp_path):
+    scorer = apm.load_apm(work / "apm")
+    assert scorer.calibration  # train-apm stored a quantile map from its validation predictions
+    source = work / "all.jsonl"
+    calibrated, rounded = tmp_path / "cal.jsonl", tmp_path / "round.jsonl"
+    _run(work, input=str(source), out=str(calibrated))
+    _run(work, input=str(source), out=str(rounded), calibrate=False)
+    meta = json.loads((tmp_path / "cal.jsonl.meta.json").read_text())
+    assert meta["labels"] == "quantile-mapped" and "quantile" in meta["calibration"]
+    assert json.loads((tmp_path / "round.jsonl.meta.json").read_text())["labels"] == "rounded"
+    cal = [SCHEMA.parse(t.label) for r in read_records(calibrated) for t in r.assistant_turns]
+    rnd = [SCHEMA.parse(t.label) for r in read_records(rounded) for t in r.assistant_turns]
+    # the meta counts are the written labels
+    assert meta["label_counts"]["quality"] == [sum(x["quality"] == lv for x in cal) for lv in range(SCHEMA.levels)]
+    # the order of the APM's predictions is kept: a higher rounded level never gets a lower calibrated one
+    qmap = scorer.calibration["quality"]
+    preds = scorer.predict([e for r in read_records(source) for _, e in apm.assistant_prefixes(r)])
+    assert [qmap(p["quality"]) for p in preds] == [x["quality"] for x in cal]
+    for a, b in zip(preds, preds[1:], strict=False):
+        if a["quality"] < b["quality"]:
+            assert qmap(a["quality"]) <= qmap(b["quality"])
+    assert [x["quality"] for x in rnd] == [scorer.round(p)["quality"] for p in preds]
+
+
+def test_pipeline_adds_apm_labelled_hh_rlhf_to_the_sft_data(shared_data, tmp_path):
+    """The paper's "+ HH-RLHF" row as a pipeline option, on the tiny models."""
+    out = tmp_path / "run"
+    hh_files = [shared_data / "hh-rlhf" / "helpful-base-dev.jsonl.gz", shared_data / "hh-rlhf" / "harmless-base-dev.jsonl.gz"]  # fmt: skip
+    args = ["pipeline", "--preset", "tiny", f"--out={out}", f"--prepare.source={shared_data / 'oasst1' / 'oasst1-en-dev.jsonl'}",
+            "--prepare.max_trees=12", "--run_bootstrap=false", f"--hh_rlhf={','.join(map(str, hh_files))}",
+            "--hh_rlhf_max_pairs=3"]  # fmt: skip
+    assert cli.run(args) == 0
+    train = read_records(out / "annotated_hh" / "train.jsonl")
+    oasst_train = read_records(out / "annotated" / "train.jsonl")
+    hh = [r for r in train if "pair_id" in r.extra]
+    assert len(train) == len(oasst_train) + len(hh) and len(hh) == 2 * 3 * 2  # chosen + rejected, 3 pairs, 2 files
+    assert all(SCHEMA.parse(t.label) and t.extra["gt_label"] is None for r in hh for t in r.assistant_turns)
+    assert read_records(out / "annotated_hh" / "val.jsonl") == read_records(out / "annotated" / "val.jsonl")
+    sft_cfg = yaml.safe_load((out / "sft" / "config.yaml").read_text())
+    assert sft_cfg["data"] == str(out / "annotated_hh")
+    assert (out / "sft" / "best" / "steerlm_model.json").exists()
+    with pytest.raises(UserError, match="hh_rlhf_max_pairs"):
+        config_lib.build(pipeline.Config, {"hh_rlhf_max_pairs": -1})

@@ -66,20 +66,23 @@ def test_regression_apm_trains_saves_and_reloads(data_dir, tmp_path, monkeypatch
     summary, model = _train(monkeypatch, _cfg(data_dir, out, model="tiny-encoder"))
     best = out / apm.BEST
     meta = json.loads((best / apm.META).read_text())
-    assert meta["kind"] == "regression" and meta["backbone"] == "encoder" and meta["pooling"] == "mean"
-    assert meta["max_length"] == 512 and set(meta["train_means"]) == set(meta["attributes"]["names"])
+    # the defaults: [CLS] context [SEP] response [SEP], the pooler, the length input, levels predicted directly
+    assert meta["kind"] == "regression" and meta["backbone"] == "encoder" and meta["pooling"] == "cls"
+    assert meta["input"] == "pair" and meta["length_feature"] is True and meta["scale"] == "levels"
+    assert meta["max_length"] == 256 and set(meta["train_means"]) == set(meta["attributes"]["names"])
     assert (out / "metrics.jsonl").exists() and (out / "config.yaml").exists()
     assert not (out / train.CHECKPOINT).exists()  # a finished run keeps only the model
     assert summary["val_metrics"]["quality"]["n"] > 0
 
-    # every trainable parameter of the backbone moved; the frozen pooler (unused by mean pooling) did not
+    # every parameter of the backbone moved, the pooler too (the 'cls' read-out uses it)
     initial, _ = models.tiny_encoder(0)
     trained_backbone = models.load_encoder(str(best))[0]
     for (name, before), after in zip(initial.named_parameters(), trained_backbone.parameters(), strict=True):
-        changed = not torch.equal(before, after.cpu())
-        assert changed == ("pooler" not in name), name
+        assert not torch.equal(before, after.cpu()), name
+    # a length-input APM is the backbone plus apm_head.safetensors (no transformers class takes a length input)
     head = load_file(str(best / apm.HEAD))
-    start_bias = torch.tensor([meta["train_means"][n] / 9 for n in meta["attributes"]["names"]])
+    assert head["weight"].shape[1] == initial.config.hidden_size + 1
+    start_bias = torch.tensor([meta["train_means"][n] for n in meta["attributes"]["names"]])
     assert not torch.allclose(head["bias"], start_bias)
 
     # the folder loads back (by the run folder or by best/) and predicts exactly what the trained model predicts
@@ -89,7 +92,8 @@ def test_regression_apm_trains_saves_and_reloads(data_dir, tmp_path, monkeypatch
     preds = loaded.predict(records, batch_size=3)
     _assert_in_range(preds, len(records), loaded.schema)
     assert all(set(p) == set(loaded.schema.names) for p in preds)
-    assert preds == apm.load_apm(best).predict(records, batch_size=5)
+    for a, b in zip(preds, apm.load_apm(best).predict(records, batch_size=5), strict=True):
+        assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-4 for k in a)  # other padding: float noise
     for a, b in zip(preds, in_memory.predict(records), strict=True):
         assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-4 for k in a)
     # batched (padded, length-sorted) scoring equals one conversation at a time
@@ -129,8 +133,6 @@ def test_length_feature_and_head_lr(data_dir, tmp_path, monkeypatch):
     assert loaded.meta["length_feature"] is True
     short, long = loaded.predict([("Explain tides.", "Gravity."), ("Explain tides.", "Gravity. " * 60)])
     assert len(short) == len(long) == len(loaded.schema.names)
-    with pytest.raises(UserError, match="length_feature"):
-        config_lib.build(apm.Config, {"data": "d", "kind": "generative", "length_feature": True})
 
 
 def test_generative_apm_trains_saves_and_reloads(data_dir, tmp_path, monkeypatch):
@@ -199,7 +201,8 @@ def test_plain_text_is_truncated_from_the_left_and_the_response_is_pooled():
     turns = [Turn("User", "a long question " * 50), Turn("Assistant", "The answer is Paris.")]
     text = apm.plain_text(turns)
     assert text.startswith("User: a long") and text.endswith("\n\nAssistant: The answer is Paris.")
-    ids, masks = apm.regression_inputs([apm.Example("", turns)], "encoder", tokenizer, 16)
+    ids, masks, types, lengths = apm.regression_inputs([apm.Example("", turns)], "encoder", tokenizer, 16)
+    assert types is None and lengths is None  # plain input: no segments, the length is what the input holds
     assert len(ids[0]) == len(masks[0]) == 16
     assert tokenizer.decode(ids[0], skip_special_tokens=True).endswith("The answer is Paris.")
     response = [t for t, m in zip(ids[0], masks[0], strict=True) if m]
@@ -267,3 +270,130 @@ def test_eval_apm_writes_table_json_and_plot(data_dir, tmp_path, capsys):
     assert quality["train_mean"] == means["quality"] and quality["baseline"]["spearman"] is None
     assert not math.isnan(quality["apm"]["mae"])
     assert cli.run(["eval-apm", f"--apm={out}", f"--data={data_dir / 'val.jsonl'}"]) == 2  # exists: --overwrite
+
+
+# ---------------------------------------------------------------- issue #13: calibration, layouts, HelpSteer2
+
+
+def test_calibration_preserves_order_and_maps_the_training_labels_onto_their_own_distribution(data_dir):
+    labels = [
+        e.levels["quality"] for e in apm.read_examples(data_dir / "train.jsonl", SCHEMA) if "quality" in e.levels
+    ]
+    counts = [labels.count(level) for level in range(SCHEMA.levels)]
+    # the training labels themselves, as reference, map onto themselves: the calibration of a perfect APM is a no-op
+    identity = apm.QuantileMap([float(x) for x in labels], counts)
+    assert [identity(float(x)) for x in labels] == labels
+    # predictions squeezed near the mean (what MSE training gives) are spread back over the label distribution
+    gen = torch.Generator().manual_seed(0)
+    preds = (6.0 + 0.2 * torch.randn(len(labels), generator=gen)).tolist()
+    qmap = apm.QuantileMap(preds, counts)
+    mapped = [qmap(p) for p in preds]
+    assert [mapped.count(level) for level in range(SCHEMA.levels)] == pytest.approx(counts, abs=1)
+    assert len(set(mapped)) > len({round(p) for p in preds})
+    # monotone: a higher prediction never gets a lower level; beyond the reference, the extreme labelled levels
+    order = sorted(range(len(preds)), key=lambda i: preds[i])
+    assert all(mapped[a] <= mapped[b] for a, b in zip(order, order[1:], strict=False))
+    labelled = [level for level, c in enumerate(counts) if c]
+    assert qmap(-100.0) == labelled[0] and qmap(100.0) == labelled[-1]
+    with pytest.raises(ValueError):
+        apm.QuantileMap([], counts)
+
+
+def test_regression_apm_is_a_standard_sequence_classification_folder(data_dir, tmp_path, monkeypatch):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    out = tmp_path / "apm"
+    _train(monkeypatch, _cfg(data_dir, out, model="tiny-encoder", pooling="cls", input="pair"))
+    best = out / apm.BEST
+    config = json.loads((best / "config.json").read_text())
+    meta = json.loads((best / apm.META).read_text())
+    assert config["architectures"] == ["BertForSequenceClassification"] and config["problem_type"] == "regression"
+    assert [config["id2label"][str(i)] for i in range(len(config["id2label"]))] == meta["attributes"]["names"]
+    assert meta["layout"] == apm.SEQ_CLS and not (best / apm.HEAD).exists()
+    # the calibration map is stored beside, for annotate
+    assert set(meta["calibration"]["attributes"]) <= set(meta["attributes"]["names"])
+
+    # transformers alone: the tokenizer's own text-pair encoding is the APM's input, the logits are its levels
+    seq = AutoModelForSequenceClassification.from_pretrained(str(best)).eval()
+    tok = AutoTokenizer.from_pretrained(str(best))
+    loaded = apm.load_apm(out)
+    pairs = [("What is the capital of France?", "Paris."), ("Tell me a joke.", "Why did the chicken cross the road?")]
+    ours = loaded.predict(pairs)
+    # the context is plain_text of the turns before the response
+    contexts = [apm.plain_text([Turn("User", p)]) for p, _ in pairs]
+    enc = tok(contexts, [r for _, r in pairs], padding=True, return_token_type_ids=True, return_tensors="pt")
+    ids, _, types, _ = apm.pair_inputs([apm.as_example(p) for p in pairs], loaded.tokenizer, 512, 200)
+    for i in range(len(pairs)):
+        real = enc["attention_mask"][i].bool()
+        assert enc["input_ids"][i][real].tolist() == ids[i] and enc["token_type_ids"][i][real].tolist() == types[i]
+    with torch.no_grad():
+        logits = seq(**enc).logits
+    for row, pred in zip(logits.tolist(), ours, strict=True):
+        levels = {n: min(9.0, max(0.0, v)) for n, v in zip(meta["attributes"]["names"], row, strict=True)}
+        assert all(abs(levels[n] - pred[n]) < 1e-4 for n in pred)
+
+
+def test_old_layout_folder_still_loads(tmp_path):
+    """A folder written before issue #13: the bare backbone, apm_head.safetensors predicting levels / (L-1), plain
+    text input, mean pooling, no `scale`/`layout`/`input` in the meta."""
+    from safetensors.torch import save_file
+
+    backbone, tok = models.tiny_encoder(0)
+    schema = AttributeSchema(("quality", "humor"))
+    head = torch.nn.Linear(backbone.config.hidden_size, 2)
+    torch.manual_seed(0)
+    torch.nn.init.normal_(head.weight, std=0.5)
+    torch.nn.init.constant_(head.bias, 0.5)
+    meta = {"kind": "regression", "attributes": schema.to_dict(), "template": None, "backbone": "encoder",
+            "pooling": "mean", "max_length": 64, "base_model": "tiny-encoder", "lora": False,
+            "text_format": "plain-v1", "head": apm.HEAD, "train_means": {"quality": 4.5, "humor": 2.0}}  # fmt: skip
+    folder = tmp_path / "old"
+    models.save_model(backbone, tok, folder, apm.META, meta)
+    save_file({k: v.detach().contiguous() for k, v in head.state_dict().items()}, str(folder / apm.HEAD))
+
+    loaded = apm.load_apm(folder)
+    pair = ("Explain tides.", "The moon's gravity pulls the oceans.")
+    pred = loaded.predict([pair])[0]
+    enc = tok(apm.plain_text(apm.as_example(pair).turns), return_tensors="pt", truncation=True, max_length=64)
+    with torch.no_grad():
+        hidden = backbone(**enc).last_hidden_state
+        expected = (head(hidden.mean(1)) * 9).clamp(0, 9)[0].tolist()
+    assert [pred["quality"], pred["humor"]] == pytest.approx(expected, abs=1e-4)
+    assert loaded.calibration == {} and loaded.label(pred, calibrated=True) == loaded.label(pred)
+
+
+def test_apm_module_does_not_import_apm_eval():
+    """apm -> apm_eval -> apm was an import circle: the agreement table lives in apm, eval-apm imports it."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(apm))
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {f"{n.module}.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
+    assert not any("apm_eval" in name for name in imported)
+
+
+def test_apm_trains_on_helpsteer2(shared_data, tmp_path, monkeypatch, capsys):
+    data = tmp_path / "hs"
+    assert cli.run(["prepare", f"--source={shared_data / 'helpsteer2' / 'helpsteer2-train-first100.jsonl'}",
+                    "--attributes=helpsteer", "--levels=5", f"--out={data}", "--val_fraction=0.2"]) == 0  # fmt: skip
+    out = tmp_path / "apm"
+    _train(monkeypatch, _cfg(data, out, model="tiny-encoder", attributes=["helpsteer"]))
+    loaded = apm.load_apm(out)
+    assert loaded.schema.names == ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
+    assert loaded.schema.levels == 5  # from the data folder
+    preds = loaded.predict(read_records(data / "val.jsonl"))
+    _assert_in_range(preds, len(read_records(data / "val.jsonl")), loaded.schema)
+
+
+def test_length_input_starts_at_the_least_squares_length_fit():
+    import numpy as np
+
+    rows = [{"response_length": n, "target": [q, 5.0], "present": [1.0, float(i % 2)]}
+            for i, (n, q) in enumerate([(10, 2.0), (40, 4.0), (100, 6.0), (300, 7.0), (20, 3.0), (200, 8.0)])]  # fmt: skip
+    slope, intercept = apm.length_fit(rows)
+    x = apm.length_input(torch.tensor([float(r["response_length"]) for r in rows])).numpy()
+    expected = np.polyfit(x, [r["target"][0] for r in rows], 1)
+    assert [slope[0].item(), intercept[0].item()] == pytest.approx(list(expected), rel=1e-4)
+    # a constant label: no slope, the mean (only the rows that carry it count)
+    assert slope[1].item() == 0.0 and intercept[1].item() == pytest.approx(5.0)

@@ -6,10 +6,12 @@
 
 Input: any conversation records file (SPEC §2), or HH-RLHF `{chosen, rejected}` transcripts (each pair gives its
 chosen and its rejected conversation, in that order). Each assistant turn's `label` becomes the attribute string
-of the APM's rounded predictions; the label it replaces (the human one, or null) is kept beside it as
+of the APM's predictions, quantile-mapped onto the training label distribution (`apm.QuantileMap`; `--calibrate
+false` rounds them instead, which collapses most labels onto the training mean); the label it replaces (the human one, or null) is kept beside it as
 `gt_label`, unless the turn already has a `gt_label` (re-annotating an annotated file keeps the human one). Output order is
 input order. Conversations are scored in length-sorted batches, and a conversation prefix shared by several
-records (OASST paths of one tree, HH chosen/rejected pairs) is scored once per chunk.
+records (OASST paths of one tree, HH chosen/rejected pairs) is scored once per chunk. `OUT.meta.json` says how the
+labels were made (APM, calibration) and counts the labels per attribute and level.
 
 Resumable: records are written chunk by chunk to `OUT.partial`, and `OUT.progress.json` records how many input
 records and bytes are done after each chunk; `--resume` cuts the partial file back to the last recorded chunk and
@@ -28,12 +30,12 @@ from typing import Literal
 from tqdm.auto import tqdm
 
 from steerlm.apm import APM, assistant_prefixes, load_apm
-from steerlm.data import hh
+from steerlm.data import formats, hh
 from steerlm.data.records import Record, record_from_json
 from steerlm.errors import UserError
 from steerlm.io import read_jsonl, write_json
 
-PARTIAL, PROGRESS = ".partial", ".progress.json"
+PARTIAL, PROGRESS, META = ".partial", ".progress.json", ".meta.json"
 
 
 @dataclass
@@ -50,6 +52,9 @@ class Config:
     """Assistant turns scored per batch (batches are formed from length-sorted turns)."""
     chunk_size: int = 512
     """Records annotated, written and recorded as done together; a resumed run repeats at most one chunk."""
+    calibrate: bool = True
+    """Quantile-map predictions onto the training label distribution (the APM's stored map) instead of rounding
+    them; an APM without a map (older folders, generative APMs) is rounded, and the meta file says so."""
     keep_gt: bool = True
     """Keep the replaced (human) label as `gt_label` beside the new one (null when there was none)."""
     skip_invalid: bool = False
@@ -70,16 +75,9 @@ class Config:
 # ---------------------------------------------------------------- reading the input
 
 
-def detect_format(path: str | Path) -> str:
-    """'hh' when the first line holds `chosen` and `rejected`, else 'records'."""
-    for _, obj in read_jsonl(path, on_error=lambda e: None):
-        return "hh" if hh.detect(obj) else "records"
-    return "records"
-
-
 def read_input(path: str | Path, fmt: str, skip_invalid: bool = False) -> tuple[list[Record], int]:
     """(records, invalid lines skipped). Every record must have an assistant turn (a located UserError if not)."""
-    fmt = detect_format(path) if fmt == "auto" else fmt
+    fmt = ("hh" if formats.detect_file(path) == "hh" else "records") if fmt == "auto" else fmt
     invalid = 0
 
     def skip(_error: UserError) -> None:
@@ -112,10 +110,11 @@ def read_input(path: str | Path, fmt: str, skip_invalid: bool = False) -> tuple[
 
 
 def annotate_records(
-    apm: APM, records: list[Record], batch_size: int, keep_gt: bool = True
+    apm: APM, records: list[Record], batch_size: int, keep_gt: bool = True, calibrate: bool = False
 ) -> tuple[list[Record], int]:
-    """Label every assistant turn of `records` (in place) with `apm`; returns (records, turns without a prediction:
-    a generative APM's unparseable outputs, which get `label: null` rather than a guess)."""
+    """Label every assistant turn of `records` (in place) with `apm` (rounded, or quantile-mapped with
+    `calibrate`); returns (records, turns without a prediction: a generative APM's unparseable outputs, which get
+    `label: null` rather than a guess)."""
     where, items = [], []
     for r_i, record in enumerate(records):
         for t_i, example in assistant_prefixes(record):
@@ -129,9 +128,20 @@ def annotate_records(
         # an earlier APM label for a human one.
         if keep_gt and "gt_label" not in turn.extra:
             turn.extra["gt_label"] = turn.label
-        turn.label = apm.label(pred)
+        turn.label = apm.label(pred, calibrated=calibrate)
         missing += turn.label is None
     return records, missing
+
+
+def label_counts(path: str | Path, schema) -> dict[str, list[int]]:
+    """Per attribute, how many assistant labels of a records file have each level 0..L-1 (the written output,
+    so a resumed run counts every record once)."""
+    counts = {n: [0] * schema.levels for n in schema.names}
+    for line, obj in read_jsonl(path):
+        for turn in record_from_json(obj, file=str(path), line=line).assistant_turns:
+            for name, level in (schema.parse(turn.label, ignore_unknown=True) if turn.label else {}).items():
+                counts[name][level] += 1
+    return counts
 
 
 # ---------------------------------------------------------------- resumable output
@@ -189,6 +199,9 @@ def main(cfg: Config) -> dict:
     if done > len(records):
         raise UserError(f"progress says {done} records are done but the input has {len(records)}; pass --overwrite")
     apm = load_apm(cfg.apm)
+    calibrated = cfg.calibrate and bool(apm.calibration)
+    if cfg.calibrate and not calibrated:
+        print(f"annotate: {cfg.apm} stores no calibration map (trained before it, or generative); labels are rounded")
     partial, progress = _paths(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fingerprint = _fingerprint(cfg)
@@ -202,7 +215,7 @@ def main(cfg: Config) -> dict:
         f.seek(keep_bytes)
         while done < len(records):
             chunk = records[done : done + cfg.chunk_size]
-            labelled, n_missing = annotate_records(apm, chunk, cfg.batch_size, cfg.keep_gt)
+            labelled, n_missing = annotate_records(apm, chunk, cfg.batch_size, cfg.keep_gt, calibrated)
             turns += sum(len(r.assistant_turns) for r in labelled)
             missing += n_missing
             f.write("".join(json.dumps(r.to_json(), ensure_ascii=False) + "\n" for r in labelled).encode("utf-8"))
@@ -214,6 +227,10 @@ def main(cfg: Config) -> dict:
     bar.close()
     os.replace(partial, out)
     progress.unlink(missing_ok=True)
+    write_json(out.with_name(out.name + META), {
+        "apm": str(apm.path), "labels": "quantile-mapped" if calibrated else "rounded",
+        "calibration": (apm.meta.get("calibration") or {}).get("method") if calibrated else None,
+        "label_counts": label_counts(out, apm.schema)})  # fmt: skip
     seconds, loop_seconds = time.time() - start, time.time() - loop_start
     new = len(records) - resumed_from
     # records/s counts the labelling loop only (model loading and input parsing are reported in `seconds`).

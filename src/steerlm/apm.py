@@ -18,6 +18,7 @@ the server and the evaluation use.
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import shutil
@@ -32,21 +33,26 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import AutoModelForSequenceClassification
 
 from steerlm import config as config_lib
-from steerlm import models, train
-from steerlm.attributes import HELPSTEER, NAMED_SETS, OASST_LABELS, STEERABLE, AttributeSchema
+from steerlm import metrics, models, train
+from steerlm.attributes import HELPSTEER, NAMED_SETS, OASST_LABELS, STEERABLE, AttributeSchema, word_count
 from steerlm.config import TrainArgs
 from steerlm.data import templates
 from steerlm.data.collate import collate_packed, model_inputs, pad
 from steerlm.data.records import ASSISTANT, DEFAULT_SYSTEM, TEXT_TO_VALUE, Record, Turn, record_from_json
 from steerlm.errors import UserError
-from steerlm.io import read_jsonl
+from steerlm.io import read_jsonl, write_json
 
 META = "steerlm_apm.json"
 #: The model folder inside a train-apm output folder (beside config.yaml, metrics.jsonl and the checkpoint).
 BEST = "best"
 HEAD = "apm_head.safetensors"
+#: `layout` of a regression APM saved as a standard `AutoModelForSequenceClassification` folder.
+SEQ_CLS = "sequence-classification"
+#: Fewest held-out predictions a calibration map is made from (fewer leave that attribute rounded).
+MIN_REFERENCE = 5
 KNOWN_ATTRIBUTES = tuple(dict.fromkeys(STEERABLE + OASST_LABELS + HELPSTEER))
 #: Version tag of `plain_text` stored in the folder, so a changed rendering cannot silently mismatch old models.
 TEXT_FORMAT = "plain-v1"
@@ -54,19 +60,21 @@ TEXT_FORMAT = "plain-v1"
 
 @dataclass
 class APMTrainArgs(TrainArgs):
-    """TrainArgs with the defaults measured best for a MiniLM regression APM on the OASST dev slice (docs/apm.md):
-    validation loss bottoms out after about one epoch, and 1e-4 over-fits sooner than 3e-5."""
+    """TrainArgs with the defaults of the measured recipe for a MiniLM regression APM on OASST (docs/apm.md): levels
+    predicted directly, the head at its own learning rate, 256 tokens of `[CLS] context [SEP] response [SEP]`."""
 
     epochs: float = 2.0
     """Passes over the training data (fractions allowed); the best epoch by validation loss is kept."""
-    lr: float = 3e-5
-    """Peak learning rate (MiniLM regression: 3e-5; LoRA on a causal LM wants ~2e-4)."""
+    lr: float = 5e-5
+    """Peak learning rate of the backbone (MiniLM regression: 5e-5; LoRA on a causal LM wants ~2e-4)."""
+    head_lr: float = 1e-3
+    """Learning rate of the new regression head (0: the backbone's `lr`)."""
     warmup_ratio: float = 0.1
     """Fraction of steps of linear warm-up before cosine decay."""
     batch_size: int = 16
     """Sequences per device per micro-batch."""
-    max_length: int = 512
-    """Tokens per example; longer conversations lose their beginning (the response is kept). 256 halves the cost."""
+    max_length: int = 256
+    """Tokens per example: the response's first `response_tokens` and as much of the context as fits."""
 
 
 @dataclass
@@ -85,12 +93,22 @@ class Config:
     """Backbone: a built-in (minilm-l6, tiny-encoder, smollm2-135m-instruct, tiny-lm), a folder or a hub id."""
     backbone: Literal["auto", "encoder", "causal"] = "auto"
     """Kind of backbone; 'auto' decides from the model (built-in name or the folder's config.json)."""
-    pooling: Literal["auto", "mean", "response", "last"] = "auto"
-    """Regression read-out: 'mean' over all tokens, 'response' = mean over the scored response's tokens (the
-    conversation before it is context only), or the 'last' token; 'auto' = mean for encoders, last for causal LMs."""
-    length_feature: bool = False
-    """Regression: also feed the head the scored response's log token count. Mean pooling averages length away,
-    and length is the strongest single cue of OASST quality (docs/apm.md); wants `train.head_lr`."""
+    pooling: Literal["auto", "cls", "mean", "response", "last"] = "auto"
+    """Regression read-out: 'cls' = the encoder's pooler on its first token (what transformers'
+    `BertForSequenceClassification` computes), 'mean' over all tokens, 'response' = mean over the scored
+    response's tokens, or the 'last' token; 'auto' = cls for encoders with a pooler (else mean), last for causal
+    LMs (docs/apm.md)."""
+    input: Literal["auto", "pair", "plain"] = "auto"
+    """Regression input: 'pair' = `[CLS] context [SEP] response [SEP]` with segment ids (encoders with [CLS]/[SEP]:
+    the response's first `response_tokens` kept, the context cut from the left), 'plain' = `plain_text` cut from
+    the left; 'auto' = pair where the tokenizer has [CLS]/[SEP], else plain."""
+    response_tokens: int = 200
+    """'pair' input: tokens of the scored response kept (its beginning); the context gets what remains."""
+    length_feature: bool = True
+    """Regression (a generative APM reads the text and ignores it): also feed the head the scored response's log token count, its weight started at the least-squares
+    fit of the training levels on it (the APM starts as the length baseline and learns what length does not say).
+    Length is the strongest single cue of OASST quality (docs/apm.md). Without it, an encoder read through 'cls'
+    is saved as a standard transformers sequence-classification folder."""
     template: Literal["nemo", "chat"] = "nemo"
     """Prompt template style of the generative APM (SPEC §3)."""
     max_examples: int = 0
@@ -110,10 +128,10 @@ class Config:
             raise ValueError(f"levels must be 0 (from the data) or between 2 and 100, not {self.levels}")
         if self.max_examples < 0:
             raise ValueError(f"max_examples must be >= 0, not {self.max_examples}")
+        if self.response_tokens < 1:
+            raise ValueError(f"response_tokens must be >= 1, not {self.response_tokens}")
         if self.overwrite and self.resume:
             raise ValueError("choose one of overwrite and resume")
-        if self.kind == "generative" and self.length_feature:
-            raise ValueError("length_feature is a regression APM input; a generative APM reads the text")
         if self.kind == "generative" and self.backbone == "encoder":
             raise ValueError("a generative APM needs a causal LM backbone, not an encoder")
         if self.kind == "regression" and self.train.packing:
@@ -281,11 +299,11 @@ def _unwrap(backbone: nn.Module) -> nn.Module:
     return backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone
 
 
-def freeze_unused(backbone: nn.Module) -> None:
+def freeze_unused(backbone: nn.Module, pooler_used: bool = False) -> None:
     """Parameters the read-out never touches get no gradient; freeze them so that 'every trainable parameter
-    changed' holds (BERT's pooler, an untied LM head)."""
+    changed' holds (BERT's pooler unless `pooler_used`, an untied LM head)."""
     m = _unwrap(backbone)
-    if getattr(m, "pooler", None) is not None:
+    if getattr(m, "pooler", None) is not None and not pooler_used:
         m.pooler.requires_grad_(False)
     out, inp = getattr(m, "get_output_embeddings", lambda: None)(), m.get_input_embeddings()
     if out is not None and out.weight is not inp.weight:
@@ -293,20 +311,27 @@ def freeze_unused(backbone: nn.Module) -> None:
 
 
 class RegressionAPM(nn.Module):
-    """Backbone + one linear output per attribute; outputs are levels divided by L-1 (targets normalised)."""
+    """Backbone + one linear output per attribute. Outputs are levels (0..L-1, unclamped) times `scale`: 1 for
+    models trained now; a folder written before levels were predicted directly stored levels / (L-1) and loads
+    with scale L-1, so `forward` is always in levels."""
 
-    def __init__(self, backbone: nn.Module, n_attributes: int, pooling: str, length_feature: bool = False):
+    def __init__(self, backbone: nn.Module, n_attributes: int, pooling: str, length_feature: bool = False,
+                 head: nn.Linear | None = None, scale: float = 1.0):  # fmt: skip
         super().__init__()
-        self.backbone, self.pooling, self.length_feature = backbone, pooling, length_feature
+        self.backbone, self.pooling, self.length_feature, self.scale = backbone, pooling, length_feature, scale
         hidden = _unwrap(backbone).config.hidden_size
-        self.head = nn.Linear(hidden + int(length_feature), n_attributes)
+        self.head = head if head is not None else nn.Linear(hidden + int(length_feature), n_attributes)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                response_mask: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None, response_length: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         # `base_model` is the bare transformer (itself for AutoModel backbones), so no vocabulary logits are built.
         trunk = _unwrap(self.backbone).base_model
-        hidden = trunk(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state.float()
-        if self.pooling in ("mean", "response"):
+        kwargs = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
+        out = trunk(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        hidden = out.last_hidden_state.float()
+        if self.pooling == "cls":  # the pooler (dense + tanh on the first token), as BertForSequenceClassification
+            pooled = out.pooler_output.float()
+        elif self.pooling in ("mean", "response"):
             use = response_mask if self.pooling == "response" and response_mask is not None else attention_mask
             mask = use.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
@@ -314,10 +339,16 @@ class RegressionAPM(nn.Module):
             last = attention_mask.sum(1).long() - 1
             pooled = hidden[torch.arange(hidden.size(0), device=hidden.device), last]
         if self.length_feature:
-            # log(1 + response tokens), centred on ~100 tokens so the zero-initialised weight starts neutral
-            n = (response_mask if response_mask is not None else attention_mask).sum(1, keepdim=True).float()
-            pooled = torch.cat([pooled, torch.log1p(n) - 4.6], dim=-1)
-        return self.head(pooled)
+            # log(1 + response tokens), centred on ~100 tokens: the whole response's count where the input gives it
+            # ('pair' input keeps only the response's beginning), else the tokens in the input
+            n = response_length if response_length is not None else (response_mask if response_mask is not None else attention_mask).sum(1)  # fmt: skip
+            pooled = torch.cat([pooled, length_input(n.float()).unsqueeze(-1)], dim=-1)
+        return self.head(pooled) * self.scale
+
+
+def length_input(tokens: torch.Tensor) -> torch.Tensor:
+    """The length feature: log(1 + response tokens) - 4.6 (0 at ~100 tokens)."""
+    return torch.log1p(tokens) - 4.6
 
 
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
@@ -332,32 +363,95 @@ def _tokenize_texts(tokenizer, texts: list[str], max_length: int, offsets: bool 
     return (enc["input_ids"], enc["offset_mapping"]) if offsets else enc["input_ids"]
 
 
-def regression_inputs(examples: Sequence[Example], backbone: str, tokenizer, max_length: int):
-    """(token ids, response masks): each example's `plain_text` (a causal backbone gets a final EOS, so the
-    read-out token is fixed), truncated from the left, and a 0/1 mask of the tokens of the scored response (found
-    through the fast tokenizer's character offsets; every token when the tokenizer is not a fast one)."""
+def has_pair_tokens(tokenizer) -> bool:
+    """Whether the tokenizer has the [CLS]/[SEP] tokens of the 'pair' input."""
+    return tokenizer.cls_token_id is not None and tokenizer.sep_token_id is not None
+
+
+def pair_inputs(examples: Sequence[Example], tokenizer, max_length: int, response_tokens: int):
+    """(token ids, response masks, segment ids, response lengths) of `[CLS] context [SEP] response [SEP]`: the
+    context is `plain_text` of the turns before the response, cut from the left; the response keeps its first
+    `response_tokens` tokens (its opening says most about it; its whole length in tokens is returned beside).
+    Segment id 1 and the response mask mark the response and its [SEP]."""
+    cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
+    contexts = tokenizer([plain_text(e.turns[:-1]) for e in examples], add_special_tokens=False, verbose=False)[
+        "input_ids"
+    ]
+    responses = tokenizer([e.turns[-1].value for e in examples], add_special_tokens=False, verbose=False)["input_ids"]
+    ids, masks, types, lengths = [], [], [], []
+    for ctx, resp in zip(contexts, responses, strict=True):
+        lengths.append(len(resp))
+        resp = resp[: max(1, min(response_tokens, max_length - 3))]
+        room = max_length - 3 - len(resp)
+        ctx = ctx[len(ctx) - room :] if room > 0 else []
+        ids.append([cls, *ctx, sep, *resp, sep])
+        types.append([0] * (len(ctx) + 2) + [1] * (len(resp) + 1))
+        masks.append(types[-1])
+    return ids, masks, types, lengths
+
+
+def regression_inputs(examples: Sequence[Example], backbone: str, tokenizer, max_length: int,
+                      input_format: str = "plain", response_tokens: int = 200):  # fmt: skip
+    """(token ids, response masks, segment ids, response lengths) of the examples in `input_format`: 'pair' (see
+    `pair_inputs`) or 'plain': each example's `plain_text` (a causal backbone gets a final EOS, so the read-out
+    token is fixed), truncated from the left, with a 0/1 mask of the tokens of the scored response (found through
+    the fast tokenizer's character offsets; every token when the tokenizer is not a fast one), and None for
+    the segment ids and lengths."""
+    if input_format == "pair":
+        return pair_inputs(examples, tokenizer, max_length, response_tokens)
     eos = tokenizer.eos_token if backbone == "causal" and tokenizer.eos_token else ""
     texts = [plain_text(e.turns) + eos for e in examples]
     if not getattr(tokenizer, "is_fast", False):
         ids = _tokenize_texts(tokenizer, texts, max_length)
-        return ids, [[1] * len(x) for x in ids]
+        return ids, [[1] * len(x) for x in ids], None, None
     ids, offsets = _tokenize_texts(tokenizer, texts, max_length, offsets=True)
     masks = []
     for e, text, spans in zip(examples, texts, offsets, strict=True):
         start = len(text) - len(eos) - len(e.turns[-1].value)
         # special tokens have empty (0, 0) spans and stay out; a token overlapping the response counts
         masks.append([1 if end > start and end > begin else 0 for begin, end in spans])
-    return ids, masks
+    return ids, masks, None, None
 
 
-def _regression_rows(examples, schema, backbone, tokenizer, max_length) -> list[dict]:
-    ids, masks = regression_inputs(examples, backbone, tokenizer, max_length)
-    rows = []
-    for e, x, m in zip(examples, ids, masks, strict=True):
-        target = [e.levels.get(n, 0) / schema.max_level for n in schema.names]
-        present = [1.0 if n in e.levels else 0.0 for n in schema.names]
-        rows.append({"input_ids": x, "response_mask": m, "target": target, "present": present})
+def _input_rows(ids, masks, types, lengths) -> list[dict]:
+    rows = [{"input_ids": x, "response_mask": m} for x, m in zip(ids, masks, strict=True)]
+    for row, t in zip(rows, types or [], strict=False):
+        row["token_type_ids"] = t
+    for row, n in zip(rows, lengths or [], strict=False):
+        row["response_length"] = n
     return rows
+
+
+def _regression_rows(examples, schema, backbone, tokenizer, max_length, input_format, response_tokens) -> list[dict]:
+    rows = _input_rows(*regression_inputs(examples, backbone, tokenizer, max_length, input_format, response_tokens))
+    for e, row in zip(examples, rows, strict=True):
+        # targets in levels: the head starts at the training means and learns at the scale of the labels
+        row["target"] = [float(e.levels.get(n, 0)) for n in schema.names]
+        row["present"] = [1.0 if n in e.levels else 0.0 for n in schema.names]
+    return rows
+
+
+def length_fit(rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(slope, intercept) per attribute of the least-squares line of level on `length_input` over the training
+    rows that carry the label."""
+    x = length_input(
+        torch.tensor(
+            [float(r["response_length"] if "response_length" in r else sum(r["response_mask"])) for r in rows]
+        )
+    )
+    y, present = torch.tensor([r["target"] for r in rows]), torch.tensor([r["present"] for r in rows])
+    slopes, intercepts = [], []
+    for j in range(y.shape[1]):
+        keep = present[:, j] > 0
+        xs, ys = x[keep], y[keep, j]
+        if len(xs) < 2 or float(xs.var()) == 0.0:
+            slopes.append(0.0)
+            intercepts.append(float(ys.mean()) if len(ys) else 0.0)
+            continue
+        slope = float(((xs - xs.mean()) * (ys - ys.mean())).mean() / ((xs - xs.mean()) ** 2).mean())
+        slopes.append(slope)
+        intercepts.append(float(ys.mean()) - slope * float(xs.mean()))
+    return torch.tensor(slopes), torch.tensor(intercepts)
 
 
 def _collate_regression(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
@@ -367,6 +461,10 @@ def _collate_regression(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor
         "attention_mask": pad([[1] * len(x) for x in ids], 0),
         "response_mask": pad([r["response_mask"] for r in rows], 0),
     }
+    if "token_type_ids" in rows[0]:
+        batch["token_type_ids"] = pad([r["token_type_ids"] for r in rows], 0)
+    if "response_length" in rows[0]:
+        batch["response_length"] = torch.tensor([r["response_length"] for r in rows], dtype=torch.float32)
     if "target" in rows[0]:
         batch["target"] = torch.tensor([r["target"] for r in rows], dtype=torch.float32)
         batch["present"] = torch.tensor([r["present"] for r in rows], dtype=torch.float32)
@@ -426,6 +524,7 @@ class APM:
         self.schema = AttributeSchema.from_dict(meta["attributes"])
         self.kind, self.backbone = meta["kind"], meta["backbone"]
         self.template, self.max_length = meta.get("template") or "nemo", int(meta["max_length"])
+        self.input_format, self.response_tokens = meta.get("input") or "plain", int(meta.get("response_tokens") or 200)
         self.train_means: dict[str, float] = meta.get("train_means", {})
         self.parse_failures = 0
         """Generated strings that failed strict parsing, over this object's lifetime (generative only)."""
@@ -468,9 +567,21 @@ class APM:
     def round(self, pred: dict[str, float]) -> dict[str, int]:
         return {k: min(self.schema.max_level, max(0, round(v))) for k, v in pred.items()}
 
-    def label(self, pred: dict[str, float]) -> str | None:
-        """The attribute string of rounded predictions (None when there are none, e.g. a failed parse)."""
-        return self.schema.render(self.round(pred)) or None
+    @property
+    def calibration(self) -> dict[str, QuantileMap]:
+        """Per attribute, the quantile map stored at training time (empty for older or generative APMs)."""
+        stored = self.meta.get("calibration") or {}
+        return {n: QuantileMap(c["reference"], c["label_counts"]) for n, c in (stored.get("attributes") or {}).items()}
+
+    def calibrate(self, pred: dict[str, float]) -> dict[str, int]:
+        """Levels by quantile mapping (`QuantileMap`) where the APM has a map for the attribute, else rounded."""
+        maps = self.calibration
+        return {k: maps[k](v) if k in maps else min(self.schema.max_level, max(0, round(v))) for k, v in pred.items()}
+
+    def label(self, pred: dict[str, float], calibrated: bool = False) -> str | None:
+        """The attribute string of rounded (or, with `calibrated`, quantile-mapped) predictions; None when there
+        are none, e.g. a failed parse."""
+        return self.schema.render(self.calibrate(pred) if calibrated else self.round(pred)) or None
 
     def _batches(self, ids: list[list[int]], batch_size: int, progress: bool):
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
@@ -482,14 +593,14 @@ class APM:
         bar.close()
 
     def _predict_regression(self, examples: list[Example], batch_size: int, progress: bool) -> list[dict]:
-        ids, masks = regression_inputs(examples, self.backbone, self.tokenizer, self.max_length)
-        out: list[dict] = [{}] * len(ids)
+        rows = _input_rows(*regression_inputs(examples, self.backbone, self.tokenizer, self.max_length,
+                                              self.input_format, self.response_tokens))  # fmt: skip
+        out: list[dict] = [{}] * len(rows)
         top = self.schema.max_level
-        for chunk in self._batches(ids, batch_size, progress):
-            batch = _collate_regression([{"input_ids": ids[i], "response_mask": masks[i]} for i in chunk],
-                                        self.tokenizer.pad_token_id)  # fmt: skip
+        for chunk in self._batches([r["input_ids"] for r in rows], batch_size, progress):
+            batch = _collate_regression([rows[i] for i in chunk], self.tokenizer.pad_token_id)
             batch = {k: v.to(self.device) for k, v in batch.items()}
-            y = (self.model(**batch) * top).clamp(0, top).cpu().tolist()
+            y = self.model(**batch).clamp(0, top).cpu().tolist()
             for i, row in zip(chunk, y, strict=True):
                 out[i] = {n: float(v) for n, v in zip(self.schema.names, row, strict=True)}
         return out
@@ -529,12 +640,87 @@ class APM:
             return {}
 
 
+@dataclass
+class QuantileMap:
+    """Quantile mapping of one attribute's float predictions onto the training label distribution.
+
+    A regression APM trained with MSE predicts close to the mean, so rounding gives nearly one level for every
+    answer. This map sends a prediction at quantile q of `reference` (the APM's predictions on held-out examples,
+    which resemble its predictions on new data) to the level at quantile q of the training labels. It is monotone
+    (never reverses the APM's order), shifts with the data (answers predicted above every reference answer get the
+    top levels), and maps a sample equal to the training labels onto itself."""
+
+    reference: list[float]
+    """Sorted predictions of the reference examples."""
+    label_counts: list[int]
+    """Training labels per level 0..L-1."""
+
+    def __post_init__(self):
+        self.reference = sorted(float(x) for x in self.reference)
+        total = sum(self.label_counts)
+        if not self.reference or total <= 0:
+            raise ValueError("a quantile map needs reference predictions and training labels")
+        acc, self._cdf = 0, []
+        for c in self.label_counts:
+            acc += c
+            self._cdf.append(acc / total)
+
+    def quantile(self, x: float) -> float:
+        """Mid-rank quantile of x in the reference, in [0, 1]."""
+        return (bisect.bisect_left(self.reference, x) + bisect.bisect_right(self.reference, x)) / (2 * len(self.reference))  # fmt: skip
+
+    def __call__(self, x: float) -> int:
+        q = self.quantile(x)
+        # the lowest level whose cumulative share reaches q (the lowest labelled level at q = 0)
+        level = bisect.bisect_left(self._cdf, q - 1e-12)
+        return min(level, len(self._cdf) - 1)
+
+
+def fit_calibration(preds: list[dict[str, float]], train_ex: Sequence[Example], schema: AttributeSchema) -> dict:
+    """The `calibration` entry of steerlm_apm.json: per attribute, the reference predictions `preds` (held-out
+    examples) and the training label counts; attributes with fewer than `MIN_REFERENCE` reference predictions are
+    left out (rounded when annotated)."""
+    out = {}
+    for n in schema.names:
+        ref = sorted(round(p[n], 4) for p in preds if n in p)
+        counts = [0] * schema.levels
+        for e in train_ex:
+            if n in e.levels:
+                counts[e.levels[n]] += 1
+        if len(ref) >= MIN_REFERENCE and sum(counts):
+            out[n] = {"reference": ref, "label_counts": counts}
+    return {"method": "quantile mapping of held-out predictions onto the training labels", "attributes": out}
+
+
 def apm_folder(path: str | Path) -> Path:
     """The model folder of an APM path: the folder itself, or the `best/` folder of a train-apm output folder."""
     path = Path(path)
     if not (path / META).exists() and (path / BEST / META).exists():
         return path / BEST
     return path
+
+
+def standard_layout(m: RegressionAPM) -> bool:
+    """Whether a regression APM is exactly a transformers `*ForSequenceClassification` model: an encoder read
+    through its pooler ('cls'), no extra length input, no LoRA, outputs in levels."""
+    base = m.backbone
+    return (m.pooling == "cls" and not m.length_feature and m.scale == 1.0 and base is _unwrap(base)
+            and getattr(base, "pooler", None) is not None)  # fmt: skip
+
+
+def as_sequence_classifier(m: RegressionAPM, schema: AttributeSchema) -> nn.Module:
+    """The regression APM as a standard `AutoModelForSequenceClassification` model: one output per
+    attribute (`id2label` = attribute names, `problem_type: regression`), the same weights, so transformers alone
+    computes the same levels (in eval mode; the classifier's dropout is off there)."""
+    config = type(m.backbone.config).from_dict(m.backbone.config.to_dict())
+    config.num_labels = len(schema.names)
+    config.id2label = dict(enumerate(schema.names))
+    config.label2id = {n: i for i, n in enumerate(schema.names)}
+    config.problem_type = "regression"
+    seq = AutoModelForSequenceClassification.from_config(config)
+    seq.base_model.load_state_dict(m.backbone.state_dict())
+    seq.classifier.load_state_dict(m.head.state_dict())
+    return seq.eval()
 
 
 def load_apm(path: str | Path, *, device: torch.device | None = None) -> APM:
@@ -546,11 +732,19 @@ def load_apm(path: str | Path, *, device: torch.device | None = None) -> APM:
         if key not in meta:
             raise UserError(f"missing key {key!r}", file=str(path / META))
     dev = device or models.device()
-    if meta["kind"] == "regression":
+    if meta["kind"] == "regression" and meta.get("layout") == SEQ_CLS:
+        # a standard transformers folder: its backbone and `classifier` are the APM's trunk and head
+        with models._folder_errors(str(path)):
+            seq = AutoModelForSequenceClassification.from_pretrained(str(path))
+        tokenizer = models.load_tokenizer(str(path))
+        model = RegressionAPM(seq.base_model, seq.config.num_labels, "cls", head=seq.classifier).to(dev)
+    elif meta["kind"] == "regression":  # the earlier layout: backbone folder + apm_head.safetensors
         backbone, tokenizer = models.load_encoder(str(path), device=dev)
         schema = AttributeSchema.from_dict(meta["attributes"])
+        # before `scale: levels`, the head predicted levels / (L-1)
+        scale = 1.0 if meta.get("scale") == "levels" else float(schema.max_level)
         model = RegressionAPM(
-            backbone, len(schema.names), meta.get("pooling") or "mean", bool(meta.get("length_feature"))
+            backbone, len(schema.names), meta.get("pooling") or "mean", bool(meta.get("length_feature")), scale=scale
         )
         head_file = path / (meta.get("head") or HEAD)
         if not head_file.exists():
@@ -563,6 +757,64 @@ def load_apm(path: str | Path, *, device: torch.device | None = None) -> APM:
         raise UserError(f"unknown APM kind {meta['kind']!r}", file=str(path / META), field="kind")
     model.eval()
     return APM(model, tokenizer, meta, str(path))
+
+
+# ---------------------------------------------------------------- agreement with human labels (eval-apm, train-apm)
+
+
+def agreement(apm: APM, examples: list[Example], batch_size: int = 32, progress: bool = False) -> dict:
+    """Per-attribute agreement of `apm` with the human levels of `examples`, and of two baselines: always the
+    training mean (MAE, accuracies) and the response's word count (Spearman only: `words_spearman`), which an APM
+    must beat to label anything a length rule could not.
+
+    A generative APM's failed parses are counted (`parse_failures`) and their examples left out of every attribute
+    (each attribute's `n` says how many pairs it was computed on)."""
+    failures_before = getattr(apm, "parse_failures", 0)
+    preds = apm.predict(examples, batch_size=batch_size, progress=progress)
+    report: dict = {
+        "examples": len(examples),
+        "parse_failures": apm.parse_failures - failures_before,
+        "attributes": {},
+    }
+    for name in apm.schema.names:
+        pairs = [(p[name], e.levels[name]) for p, e in zip(preds, examples, strict=True) if name in e.levels and name in p]  # fmt: skip
+        if not pairs:
+            continue
+        pred, gold = [p for p, _ in pairs], [g for _, g in pairs]
+        words = [word_count(e.turns[-1].value) for p, e in zip(preds, examples, strict=True) if name in e.levels and name in p]  # fmt: skip
+        mean = apm.train_means.get(name)
+        row = {"apm": metrics.summarize(pred, gold), "baseline": None, "train_mean": mean,
+               "words_spearman": metrics.spearman(words, gold)}  # fmt: skip
+        if mean is not None:
+            row["baseline"] = metrics.summarize([mean] * len(gold), gold)
+        # Kept for the plot: rounded predicted level against the human level.
+        row["pairs"] = [[int(g), round(p)] for p, g in pairs]
+        report["attributes"][name] = row
+    return report
+
+
+def _fmt(x: float | None, width: int = 6, digits: int = 2) -> str:
+    return f"{x:>{width}.{digits}f}" if x is not None else f"{'-':>{width}}"
+
+
+def format_table(report: dict) -> str:
+    """The report as an aligned text table: APM next to the mean baseline for each metric, and its Spearman next
+    to the word-count baseline's."""
+    head = (
+        f"{'attribute':<16}{'n':>5}  {'MAE':>6}{'mean':>6}  {'exact':>6}{'mean':>6}  {'±1':>6}{'mean':>6}  "
+        f"{'spearman':>8}{'words':>7}"
+    )
+    lines = [head, "-" * len(head)]
+    for name, row in report["attributes"].items():
+        a, b = row["apm"], row["baseline"] or {}
+        lines.append(
+            f"{name:<16}{a['n']:>5}  {_fmt(a['mae'])}{_fmt(b.get('mae'))}  {_fmt(a['exact'])}{_fmt(b.get('exact'))}  "
+            f"{_fmt(a['within1'])}{_fmt(b.get('within1'))}  {_fmt(a['spearman'], 8, 3)}{_fmt(row.get('words_spearman'), 7, 3)}"
+        )
+    lines.append(f"({report['examples']} labelled assistant turns; 'mean' = always predict the training mean; "
+                 "'words' = Spearman of the response's word count"
+                 + (f"; {report['parse_failures']} unparseable outputs" if report.get("parse_failures") else "") + ")")  # fmt: skip
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- training
@@ -608,7 +860,7 @@ def main(cfg: Config) -> dict:
         raise UserError(f"a generative APM needs a causal LM; {cfg.model!r} is an encoder", field="model")
     if backbone == "encoder" and cfg.train.lora.enabled:
         raise UserError("LoRA is offered for causal LM backbones; fine-tune an encoder fully (lora.r=0)", field="train.lora.r")  # fmt: skip
-    pooling = cfg.pooling if cfg.pooling != "auto" else ("mean" if backbone == "encoder" else "last")
+    pooling = "last" if cfg.pooling == "auto" and backbone == "causal" else cfg.pooling  # encoders: below
 
     # 1. examples: one per labelled assistant turn, deduplicated across the paths of a tree
     train_file, val_file = data_files(cfg.data, cfg.kind)
@@ -634,25 +886,41 @@ def main(cfg: Config) -> dict:
     # 2. model and tokenized examples
     max_length = cfg.train.max_length
     dropped: dict[str, int] = {}
+    input_format = "plain"
     if cfg.kind == "regression":
         base, tokenizer = models.load_encoder(cfg.model, device=torch.device("cpu"))
-        freeze_unused(base)
+        input_format = cfg.input if cfg.input != "auto" else ("pair" if has_pair_tokens(tokenizer) else "plain")
+        if input_format == "pair" and (backbone != "encoder" or not has_pair_tokens(tokenizer)):
+            raise UserError("the 'pair' input needs an encoder whose tokenizer has [CLS] and [SEP]", field="input")
+        if pooling == "auto":
+            pooling = "cls" if getattr(_unwrap(base), "pooler", None) is not None else "mean"
+        if pooling == "cls" and getattr(_unwrap(base), "pooler", None) is None:
+            raise UserError(f"{cfg.model!r} has no pooler for the 'cls' read-out; use mean or last", field="pooling")
+        freeze_unused(base, pooler_used=pooling == "cls")
         base = models.apply_lora(base, cfg.train.lora)
         torch.manual_seed(cfg.train.seed)
         model = RegressionAPM(base, len(schema.names), pooling, cfg.length_feature)
-        # Start exactly at the predict-the-mean baseline: zero weights, bias at the training means (random weights
-        # would start from noisy predictions that the backbone first has to learn away).
+        # Start exactly at the predict-the-mean baseline: zero weights, bias at the training means in levels
+        # (random weights would start from noisy predictions that the backbone first has to learn away).
         nn.init.zeros_(model.head.weight)
         with torch.no_grad():
-            model.head.bias.copy_(torch.tensor([means[n] / schema.max_level for n in schema.names]))
-        train_rows = _regression_rows(train_ex, schema, backbone, tokenizer, max_length)
-        val_rows = _regression_rows(val_ex, schema, backbone, tokenizer, max_length)
+            model.head.bias.copy_(torch.tensor([means[n] for n in schema.names]))
+        train_rows = _regression_rows(train_ex, schema, backbone, tokenizer, max_length, input_format, cfg.response_tokens)  # fmt: skip
+        if cfg.length_feature:
+            # ... or, with the length input, at the least-squares line of level on log length (the length
+            # baseline): the backbone then learns what the length does not say
+            weight, bias = length_fit(train_rows)
+            with torch.no_grad():
+                model.head.weight[:, -1] = weight
+                model.head.bias.copy_(bias)
+        val_rows = _regression_rows(val_ex, schema, backbone, tokenizer, max_length, input_format, cfg.response_tokens)  # fmt: skip
 
         def collate(rows):
             return _collate_regression(rows, tokenizer.pad_token_id)
 
         def loss_fn(m, batch):
-            pred = m(batch["input_ids"], batch["attention_mask"], batch["response_mask"])
+            pred = m(batch["input_ids"], batch["attention_mask"], batch["response_mask"], batch.get("token_type_ids"),
+                     batch.get("response_length"))  # fmt: skip
             return masked_mse(pred, batch["target"], batch["present"]), {}
     else:
         model, tokenizer = models.load_causal_lm(cfg.model, device=torch.device("cpu"))
@@ -679,7 +947,9 @@ def main(cfg: Config) -> dict:
         "backbone": backbone, "pooling": pooling if cfg.kind == "regression" else None, "max_length": max_length,
         "base_model": cfg.model, "lora": cfg.train.lora.enabled, "text_format": TEXT_FORMAT,
         "head": HEAD if cfg.kind == "regression" else None, "train_means": means,
-        "length_feature": cfg.length_feature,  # Config rejects it for a generative APM
+        "length_feature": cfg.length_feature and cfg.kind == "regression",
+        "input": input_format if cfg.kind == "regression" else None, "response_tokens": cfg.response_tokens,
+        "scale": "levels" if cfg.kind == "regression" else None,
         "train_examples": len(train_rows), "val_examples": len(val_rows),
     }  # fmt: skip
 
@@ -701,25 +971,32 @@ def main(cfg: Config) -> dict:
     def save_best(m, metrics: dict) -> None:
         staging = out / f".{BEST}.tmp"
         shutil.rmtree(staging, ignore_errors=True)
-        backbone_module = m.backbone if cfg.kind == "regression" else m
-        models.save_model(backbone_module, tokenizer, staging, META, {**meta, "val_loss": metrics["val_loss"]})
-        if cfg.kind == "regression":
+        info = {**meta, "val_loss": metrics["val_loss"]}
+        if cfg.kind == "regression" and standard_layout(m):
+            models.save_model(as_sequence_classifier(m, schema), tokenizer, staging, META, {**info, "layout": SEQ_CLS, "head": None})  # fmt: skip
+        elif cfg.kind == "regression":
+            models.save_model(m.backbone, tokenizer, staging, META, info)
             save_file({k: v.detach().cpu().contiguous() for k, v in m.head.state_dict().items()}, str(staging / HEAD))
+        else:
+            models.save_model(m, tokenizer, staging, META, info)
         _publish(staging, out / BEST)
 
     out.mkdir(parents=True, exist_ok=True)
     config_lib.save(cfg, out)
     summary = train.fit(model, train_rows, collate, loss_fn, cfg.train, out, evaluate=evaluate, save_best=save_best,
                         resume=cfg.resume, desc="train-apm")  # fmt: skip
-    # 4. the best model against the validation labels (eval-apm's metrics), then drop the resumable checkpoint
-    from steerlm import apm_eval
-
-    report = apm_eval.evaluate(load_apm(out / BEST), val_ex, cfg.batch_size_eval)
+    # 4. the best model against the validation labels (eval-apm's metrics) and the calibration map from its
+    # validation predictions; then drop the resumable checkpoint
+    best = load_apm(out / BEST)
+    report = agreement(best, val_ex, cfg.batch_size_eval)
+    if cfg.kind == "regression":
+        best.meta["calibration"] = fit_calibration(best.predict(val_ex, cfg.batch_size_eval), train_ex, schema)
+        write_json(out / BEST / META, best.meta)
     summary["val_metrics"] = {
         n: {**r["apm"], "baseline_mae": (r["baseline"] or {}).get("mae")} for n, r in report["attributes"].items()
     }
     summary["val_parse_failures"] = report["parse_failures"]
-    print(apm_eval.format_table(report))
+    print(format_table(report))
     shutil.rmtree(out / train.CHECKPOINT, ignore_errors=True)
     shutil.rmtree(out / f".{train.CHECKPOINT}.old", ignore_errors=True)
     print(f"train-apm: {summary['steps']} steps in {time.time() - start:.0f} s; best val_loss {summary['best']:.4f} "

@@ -15,8 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from steerlm import metrics
-from steerlm.apm import APM, BEST, Example, apm_folder, load_apm, read_examples
+from steerlm.apm import BEST, agreement, apm_folder, format_table, load_apm, read_examples
 from steerlm.errors import UserError
 from steerlm.io import write_json
 
@@ -56,55 +55,6 @@ def data_file(data: str | Path) -> Path:
     if not path.exists():
         raise UserError("file does not exist", file=str(path))
     return path
-
-
-def evaluate(apm: APM, examples: list[Example], batch_size: int = 32, progress: bool = False) -> dict:
-    """Per-attribute agreement of `apm` with the human levels of `examples`, and of the training-mean baseline.
-
-    A generative APM's failed parses are counted (`parse_failures`) and their examples left out of every attribute
-    (each attribute's `n` says how many pairs it was computed on)."""
-    failures_before = getattr(apm, "parse_failures", 0)
-    preds = apm.predict(examples, batch_size=batch_size, progress=progress)
-    report: dict = {
-        "examples": len(examples),
-        "parse_failures": apm.parse_failures - failures_before,
-        "attributes": {},
-    }
-    for name in apm.schema.names:
-        pairs = [(p[name], e.levels[name]) for p, e in zip(preds, examples, strict=True) if name in e.levels and name in p]  # fmt: skip
-        if not pairs:
-            continue
-        pred, gold = [p for p, _ in pairs], [g for _, g in pairs]
-        mean = apm.train_means.get(name)
-        row = {"apm": metrics.summarize(pred, gold), "baseline": None, "train_mean": mean}
-        if mean is not None:
-            row["baseline"] = metrics.summarize([mean] * len(gold), gold)
-        # Kept for the plot: rounded predicted level against the human level.
-        row["pairs"] = [[int(g), round(p)] for p, g in pairs]
-        report["attributes"][name] = row
-    return report
-
-
-def _fmt(x: float | None, width: int = 6, digits: int = 2) -> str:
-    return f"{x:>{width}.{digits}f}" if x is not None else f"{'-':>{width}}"
-
-
-def format_table(report: dict) -> str:
-    """The report as an aligned text table: APM next to the mean baseline for each metric."""
-    head = (
-        f"{'attribute':<16}{'n':>5}  {'MAE':>6}{'mean':>6}  {'exact':>6}{'mean':>6}  {'±1':>6}{'mean':>6}  "
-        f"{'spearman':>8}"
-    )
-    lines = [head, "-" * len(head)]
-    for name, row in report["attributes"].items():
-        a, b = row["apm"], row["baseline"] or {}
-        lines.append(
-            f"{name:<16}{a['n']:>5}  {_fmt(a['mae'])}{_fmt(b.get('mae'))}  {_fmt(a['exact'])}{_fmt(b.get('exact'))}  "
-            f"{_fmt(a['within1'])}{_fmt(b.get('within1'))}  {_fmt(a['spearman'], 8, 3)}"
-        )
-    lines.append(f"({report['examples']} labelled assistant turns; 'mean' = always predict the training mean"
-                 + (f"; {report['parse_failures']} unparseable outputs" if report.get("parse_failures") else "") + ")")  # fmt: skip
-    return "\n".join(lines)
 
 
 def plot(report: dict, levels: int, path: str | Path) -> None:
@@ -158,7 +108,7 @@ def main(cfg: Config) -> dict:
         examples = examples[: cfg.max_examples]
     if not examples:
         raise UserError(f"no assistant turn carries a human label for {', '.join(apm.schema.names)}", file=str(source))
-    report = evaluate(apm, examples, cfg.batch_size, progress=True)
+    report = agreement(apm, examples, cfg.batch_size, progress=True)
     report.update({"apm": str(apm.path), "data": str(source), "kind": apm.kind, "levels": apm.schema.levels})
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / REPORT, report)

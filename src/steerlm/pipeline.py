@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from steerlm import config as config_lib
+from steerlm.config import to_dict
 from steerlm.errors import UserError
 from steerlm.io import write_json
 from steerlm.runner import run_stage, summary_table
@@ -66,8 +67,17 @@ class Config:
     """`steerlm bootstrap` settings (num_prompts, sft, ...); `model`, `apm`, `data` and `out` are filled in."""
     run_bootstrap: bool = True
     """Run step 4; without it the check uses the step-3 model."""
+    hh_rlhf: list[str] = field(default_factory=list)
+    """The paper's "+ HH-RLHF" row: HH-RLHF transcript files whose chosen and rejected answers the APM labels (as
+    `annotate` does) and that are added to the SFT training data; empty: the prepared data only."""
+    hh_rlhf_max_pairs: int = 0
+    """Use at most this many pairs of each `hh_rlhf` file (the first ones); 0 uses all."""
     check: CheckArgs = field(default_factory=CheckArgs)
     """The steerability check and demo at the end."""
+
+    def __post_init__(self):
+        if self.hh_rlhf_max_pairs < 0:
+            raise ValueError(f"hh_rlhf_max_pairs must be >= 0, not {self.hh_rlhf_max_pairs}")
 
 
 def _build(module, section: dict, fixed: dict, name: str):
@@ -112,10 +122,18 @@ def main(cfg: Config) -> dict:
     results.append(run_stage("annotate", ann_dir, ann_cfg, run_annotate, inputs=[apm_dir, data_dir],
                              metric=_annotate_metric))  # fmt: skip
 
+    # 2b. "+ HH-RLHF": APM-labelled HH-RLHF answers join the SFT training data (SteerLM paper, Table 2)
+    sft_data = ann_dir
+    if cfg.hh_rlhf:
+        sft_data = out / "annotated_hh"
+        hh_key = HHStage(cfg.hh_rlhf, cfg.hh_rlhf_max_pairs, to_dict(ann_cfg))
+        results.append(run_stage("annotate-hh", sft_data, hh_key, lambda: add_hh_rlhf(cfg, apm_model, ann_dir, sft_data, ann_cfg),
+                                 inputs=[apm_dir, ann_dir, *cfg.hh_rlhf], metric=_annotate_metric))  # fmt: skip
+
     # 3. attribute-conditioned SFT
     sft_dir = out / "sft"
-    sft_cfg = _build(sft, cfg.sft, {"data": str(ann_dir), "out": str(sft_dir), "overwrite": True}, "sft")
-    results.append(run_stage("sft", sft_dir, sft_cfg, lambda: sft.main(sft_cfg), inputs=[ann_dir],
+    sft_cfg = _build(sft, cfg.sft, {"data": str(sft_data), "out": str(sft_dir), "overwrite": True}, "sft")
+    results.append(run_stage("sft", sft_dir, sft_cfg, lambda: sft.main(sft_cfg), inputs=[sft_data],
                              metric=_val_metric))  # fmt: skip
     model = str(sft_dir / "best")
 
@@ -140,6 +158,40 @@ def main(cfg: Config) -> dict:
     summary = {"model": model, "apm": apm_model, "stages": [r.__dict__ for r in results]}
     write_json(out / "summary.json", summary)
     return summary
+
+
+@dataclass
+class HHStage:
+    """What the "+ HH-RLHF" stage depends on (its skip fingerprint)."""
+
+    files: list[str]
+    max_pairs: int
+    annotate: dict
+
+
+def add_hh_rlhf(cfg: Config, apm_model: str, ann_dir: Path, out: Path, ann_cfg) -> dict:
+    """Label the HH-RLHF answers of `cfg.hh_rlhf` with the APM (calibrated as `annotate` is configured) and write
+    `out/train.jsonl` = the annotated training records + them, `out/val.jsonl` = the annotated validation records."""
+    from steerlm import annotate
+    from steerlm.apm import load_apm
+    from steerlm.data.records import read_records, write_records
+
+    apm = load_apm(apm_model)
+    calibrate = ann_cfg.calibrate and bool(apm.calibration)
+    added, stats = [], {}
+    for path in cfg.hh_rlhf:
+        records, invalid = annotate.read_input(path, "hh", skip_invalid=True)
+        if cfg.hh_rlhf_max_pairs:
+            records = records[: 2 * cfg.hh_rlhf_max_pairs]  # each pair gives its chosen then its rejected record
+        annotate.annotate_records(apm, records, ann_cfg.batch_size, ann_cfg.keep_gt, calibrate)
+        added += records
+        stats[Path(path).name] = {"records": len(records), "invalid_skipped": invalid}
+    out.mkdir(parents=True, exist_ok=True)
+    train = read_records(ann_dir / "train.jsonl")
+    write_records(out / "train.jsonl", train + added)
+    write_records(out / "val.jsonl", read_records(ann_dir / "val.jsonl"))
+    stats["train"] = {"records": len(train) + len(added), "hh_rlhf": len(added), "calibrated": calibrate}
+    return stats
 
 
 def _apm_metric(r: dict) -> str:

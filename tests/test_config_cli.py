@@ -158,3 +158,27 @@ def test_help_expands_stage_sections_and_lists_presets(capsys):
     rlhf = _help(capsys, "rlhf")
     assert "--ppo.sampling.temperature  (float = 1.0)" in rlhf and "--ppo.policy  (" not in rlhf
     assert "presets (" not in _help(capsys, "generate")  # a command without presets lists none
+
+
+@pytest.mark.parametrize(
+    "module,cls,required",
+    [
+        ("generate", "Config", {"model": "tiny-lm", "prompt": ["hi"]}),
+        ("chat", "Config", {"model": "tiny-lm"}),
+        ("serve", "Config", {"model": "tiny-lm"}),
+        ("ppo", "Config", {"policy": "tiny-lm", "reward_fn": "m:f"}),
+        ("evaluate", "ModelSpec", {"name": "m", "path": "tiny-lm"}),
+        ("sft", "Config", {"data": "d"}),
+    ],
+)
+def test_auto_is_spelled_one_way_and_the_old_spelling_still_works(module, cls, required):
+    import importlib
+
+    config_cls = getattr(importlib.import_module(f"steerlm.{module}"), cls)
+    assert C.build(config_cls, required).template == "auto"
+    assert C.build(config_cls, {**required, "template": "nemo"}).template == "nemo"
+    if module != "sft":  # sft never had the '' spelling
+        with pytest.warns(FutureWarning, match="deprecated, write 'auto'"):
+            assert C.build(config_cls, {**required, "template": ""}).template == "auto"
+    with pytest.raises(UserError, match="auto"):
+        C.build(config_cls, {**required, "template": "jinja"})

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from steerlm.data import templates
 from steerlm.generate import guide, next_tokens
 
 log = logging.getLogger("steerlm.serve")
@@ -332,12 +333,13 @@ class Engine:
         row.text = self._detokenize(row)
         stops = [x for x in (s.stop or []) if x]
         if stops:
-            hit = _find_stop(row.text, stops, row._checked)
+            hit = templates.find_stop(row.text, stops, row._checked)
             if hit is not None and len(row.tokens) >= (s.min_new_tokens or 0):
                 at, stop = hit
                 self._finish(row, row.text[: at + (len(stop) if row.include_stop else 0)], "stop")
                 return
-            row._checked = max(0, len(row.text) - max(len(x) for x in stops) + 1)
+            # a later stop string must end in text not checked yet (a character still being decoded is not)
+            row._checked = len(row.text.rstrip("\ufffd"))
         if len(row.tokens) >= s.max_new_tokens:
             self._finish(row, row.text, "length")
             return
@@ -458,16 +460,6 @@ def _generator(row: Row, device: torch.device) -> torch.Generator:
 
 
 # ---------------------------------------------------------------- text helpers
-
-
-def _find_stop(text: str, stops: Sequence[str], start: int) -> tuple[int, str] | None:
-    """The earliest stop string in `text[start:]` (earliest position wins; at equal positions the longest)."""
-    best = None
-    for stop in stops:
-        at = text.find(stop, start)
-        if at >= 0 and (best is None or at < best[0] or (at == best[0] and len(stop) > len(best[1]))):
-            best = (at, stop)
-    return best
 
 
 def _safe_length(text: str, stops: Sequence[str], strip_newline: bool) -> int:

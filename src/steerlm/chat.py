@@ -20,6 +20,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
+from steerlm import config as config_lib
 from steerlm.attributes import parse_assignment
 from steerlm.data import templates
 from steerlm.data.records import ASSISTANT, DEFAULT_SYSTEM, USER, Record, Turn
@@ -39,15 +40,14 @@ class Config(SamplingArgs):
     """YAML or JSON file with a mapping of starting attribute levels."""
     system: str | None = None
     """System text (default: NeMo's SteerLM system prompt)."""
-    template: str = ""
-    """Override the template style ('nemo' or 'chat'); default: the model's steerlm_model.json, else 'chat'."""
+    template: str = "auto"
+    """Template style: 'nemo', 'chat', or 'auto' (the model's steerlm_model.json, else 'chat')."""
     dtype: str = ""
     """Model dtype ('bf16', 'fp16', 'fp32'; default fp32)."""
 
     def __post_init__(self):
         super().__post_init__()
-        if self.template not in ("",) + templates.STYLES:
-            raise ValueError(f"template must be one of {templates.STYLES}, not {self.template!r}")
+        self.template = config_lib.auto_choice(self.template, "template", templates.STYLES)
 
 
 @dataclass

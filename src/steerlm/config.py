@@ -14,6 +14,7 @@ import itertools
 import textwrap
 import types
 import typing
+import warnings
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -114,6 +115,28 @@ class TrainArgs:
             raise ValueError(f"warmup_ratio must be in [0, 1), not {self.warmup_ratio}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
+
+
+# ---------------------------------------------------------------- "auto": one spelling in every command
+
+#: The value of a setting that lets steerlm choose (a template style from the model's steerlm_model.json, ...).
+AUTO = "auto"
+
+
+def auto_choice(value: str, name: str, choices: tuple[str, ...]) -> str:
+    """Check a setting that takes `AUTO` or one of `choices`. The old spelling of 'auto', '', is still accepted,
+    with a deprecation warning. Raises ValueError (the loader names the section) for anything else."""
+    if value == "":
+        warnings.warn(f"{name}: '' is deprecated, write '{AUTO}'", FutureWarning, stacklevel=3)
+        value = AUTO
+    if value != AUTO and value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join((AUTO, *choices))}, not {value!r}")
+    return value
+
+
+def unless_auto(value: str) -> str | None:
+    """None for `AUTO` (let the callee choose), else the value."""
+    return None if value in (AUTO, "") else value
 
 
 # ---------------------------------------------------------------- building dataclasses from plain values

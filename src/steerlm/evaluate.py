@@ -85,8 +85,8 @@ class ModelSpec:
     attributes: dict[str, int] = field(default_factory=dict)
     """Levels of this model's answers in the quality comparison, over its defaults (e.g. {quality: 9}); ignored by
     models without attribute conditioning."""
-    template: str = ""
-    """Override the template style ('nemo' or 'chat'); default: the model's steerlm_model.json, else 'chat'."""
+    template: str = "auto"
+    """Template style: 'nemo', 'chat', or 'auto' (the model's steerlm_model.json, else 'chat')."""
     sampling: dict[str, Any] = field(default_factory=dict)
     """Sampling settings of this model over the global `sampling`, e.g. {guidance_scale: 3} to evaluate a SteerLM
     model with attribute guidance as a model of its own (same path, another name)."""
@@ -96,8 +96,7 @@ class ModelSpec:
             raise ValueError(f"model name {self.name!r} must be letters, digits and _ . + - only")
         if not self.path:
             raise ValueError(f"model {self.name}: path is empty")
-        if self.template not in ("", "nemo", "chat"):
-            raise ValueError(f"model {self.name}: template must be 'nemo' or 'chat', not {self.template!r}")
+        self.template = config_lib.auto_choice(self.template, f"model {self.name}: template", ("nemo", "chat"))
 
 
 @dataclass
@@ -540,7 +539,7 @@ def load_generator(spec: ModelSpec, cfg: Config):
     batch_size)` does)."""
     from steerlm.generate import Generator
 
-    return Generator.load(spec.path, dtype=cfg.dtype or None, template=spec.template or None)
+    return Generator.load(spec.path, dtype=cfg.dtype or None, template=config_lib.unless_auto(spec.template))
 
 
 def load_measurer(path: str):
@@ -741,7 +740,7 @@ def sampling_key(sampling: SamplingArgs) -> dict:
 
 
 def generation_key(cfg: Config, spec: ModelSpec, prompt: Prompt, attributes: dict | None) -> str:
-    return key_of({"v": CACHE_VERSION, "path": spec.path, "template": spec.template, "dtype": cfg.dtype,
+    return key_of({"v": CACHE_VERSION, "path": spec.path, "template": config_lib.unless_auto(spec.template) or "", "dtype": cfg.dtype,
                    "prompt": prompt.json, "attributes": attributes,
                    "sampling": sampling_key(cfg.sampling_for(spec.name))})  # fmt: skip
 

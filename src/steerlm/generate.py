@@ -27,13 +27,15 @@ from typing import Any
 
 import torch
 
+from steerlm import config as config_lib
 from steerlm import models
 from steerlm.attributes import AttributeSchema, LengthBuckets, computed_from_dict, parse_assignment
 from steerlm.data import templates
 from steerlm.data.collate import pad
+from steerlm.data.preferences import read_prompts
 from steerlm.data.records import ASSISTANT, DEFAULT_SYSTEM, USER, Record, Turn, record_from_json
 from steerlm.errors import UserError
-from steerlm.io import read_jsonl, write_jsonl
+from steerlm.io import write_jsonl
 
 META = "steerlm_model.json"
 POSITIONAL = "prompt"
@@ -423,9 +425,9 @@ class Generator:
         if len(row.tokens) == sampling.min_new_tokens:
             row.floor = len(row.text)
         if len(row.tokens) >= sampling.min_new_tokens:
-            cut = _find_stop(row.text, stops, row.floor)
-            if cut is not None:
-                row.text, row.finish = row.text[:cut], "stop"
+            hit = templates.find_stop(row.text, stops, row.floor)
+            if hit is not None:
+                row.text, row.finish = row.text[: hit[0]], "stop"
                 return
         if len(row.tokens) >= sampling.max_new_tokens:
             row.finish = "length"
@@ -560,16 +562,6 @@ def _filter(scaled: torch.Tensor, probs: torch.Tensor, ks: list[int], ps: list[f
     return cand, ids, keep.sum(-1).tolist(), whole
 
 
-def _find_stop(text: str, stops: list[str], floor: int = 0) -> int | None:
-    """Start of the earliest stop string that ends after `floor` characters, or None."""
-    best = None
-    for s in stops:
-        at = text.find(s, max(0, floor - len(s) + 1))
-        if at != -1 and (best is None or at < best):
-            best = at
-    return best
-
-
 def _safe_prefix(text: str, stops: list[str], hold_newline: bool) -> str:
     """The part of an unfinished answer that is certain to stay: without a trailing partial stop string, an
     incomplete multi-byte character, or (templated answers) a trailing newline that a stop string may drop."""
@@ -607,8 +599,8 @@ class Config(SamplingArgs):
     """With --prompts: write answers here as JSONL (default: print JSON lines)."""
     system: str | None = None
     """System text for prompt strings (default: NeMo's SteerLM system prompt)."""
-    template: str = ""
-    """Override the template style ('nemo' or 'chat'); default: the model's steerlm_model.json, else 'chat'."""
+    template: str = "auto"
+    """Template style: 'nemo', 'chat', or 'auto' (the model's steerlm_model.json, else 'chat')."""
     batch_size: int = 8
     """Prompts generated together."""
     dtype: str = ""
@@ -618,8 +610,7 @@ class Config(SamplingArgs):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.template not in ("",) + templates.STYLES:
-            raise ValueError(f"template must be one of {templates.STYLES}, not {self.template!r}")
+        self.template = config_lib.auto_choice(self.template, "template", templates.STYLES)
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, not {self.batch_size}")
         if not self.prompt and not self.prompts:
@@ -628,7 +619,7 @@ class Config(SamplingArgs):
 
 def load_generator(cfg) -> Generator:
     """A Generator for a command's config (model, dtype, template, system)."""
-    gen = Generator.load(cfg.model, dtype=cfg.dtype or None, template=cfg.template or None)
+    gen = Generator.load(cfg.model, dtype=cfg.dtype or None, template=config_lib.unless_auto(cfg.template))
     if cfg.system is not None:
         gen.system = cfg.system
     return gen
@@ -655,35 +646,6 @@ def read_attributes(attrs_file: str, assignments: Sequence[str]) -> dict[str, in
         name, level = parse_assignment(text)
         levels[name] = level
     return levels
-
-
-def read_prompts(path: str) -> list[tuple[Record | str, dict, dict]]:
-    """(conversation, per-prompt attributes, extra keys) for each line of a prompts JSONL file."""
-    out = []
-    for line, obj in read_jsonl(path):
-        attrs, extra = {}, {}
-        if isinstance(obj, str):
-            conv: Record | str = obj
-        elif isinstance(obj, dict) and "conversations" in obj:
-            record = record_from_json(obj, file=path, line=line)
-            while record.conversations and record.conversations[-1].role == ASSISTANT:
-                record.conversations.pop()
-            if not record.conversations:
-                raise UserError("the record has no user turn to answer", file=path, line=line, field="conversations")
-            conv = record
-            attrs = obj.get("attributes") or {}
-        elif isinstance(obj, dict) and isinstance(obj.get("prompt"), str):
-            conv, attrs = obj["prompt"], obj.get("attributes") or {}
-            extra = {k: v for k, v in obj.items() if k not in ("prompt", "attributes")}
-        elif isinstance(obj, dict) and isinstance(obj.get("turns"), list) and obj["turns"]:  # MT-Bench questions
-            conv = str(obj["turns"][0])
-            extra = {k: v for k, v in obj.items() if k != "turns"}
-        else:
-            raise UserError('expected a string, {"prompt": ...}, or a conversation record', file=path, line=line)
-        if not isinstance(attrs, (dict, str)):
-            raise UserError("must be a mapping of attribute levels", file=path, line=line, field="attributes")
-        out.append((conv, attrs, extra))
-    return out
 
 
 def main(cfg: Config) -> int:

@@ -1,8 +1,8 @@
 """`steerlm ppo`: PPO (and PPO-ptx) against a reward model, the RLHF baseline's third step (InstructGPT, SPEC §6).
 
-    steerlm ppo --policy runs/rlhf/sft/best --reward-model runs/rlhf/rm --prompts runs/rlhf/data/prompts_train.jsonl \\
-        --out runs/ppo --lora.r=8 --train.lr=0.0001 --train.max_steps=20
-    steerlm ppo ... --ppo.ptx_coef=1.0 --ptx-data runs/rlhf/data/train.jsonl        # PPO-ptx
+    steerlm ppo --policy runs/rlhf/sft/best --reward_model runs/rlhf/rm --prompts runs/rlhf/data/prompts_train.jsonl \\
+        --out runs/ppo --train.lora.r=8 --train.lr=0.0001 --train.max_steps=20
+    steerlm ppo ... --ppo.ptx_coef=1.0 --ptx_data runs/rlhf/data/train.jsonl        # PPO-ptx
 
 One step:
 1. rollout: sample answers to `train.batch_size` prompts with the policy (the shared `generate.Generator` loop);
@@ -164,8 +164,8 @@ class Config:
     """How many such prompts."""
     max_prompts: int = 0
     """Use at most this many training prompts (0: all)."""
-    template: Literal["", "nemo", "chat"] = ""
-    """Template style; default: the policy's steerlm_model.json, else 'chat'."""
+    template: str = "auto"
+    """Template style: 'nemo', 'chat', or 'auto' (the policy's steerlm_model.json, else 'chat')."""
     overwrite: bool = False
     """Replace an existing output folder."""
     resume: bool = False
@@ -186,6 +186,7 @@ class Config:
             raise ValueError("samples and max_prompts must be >= 0")
         if self.ppo.ptx_coef > 0 and not self.ptx_data:
             raise ValueError("ppo.ptx_coef > 0 needs ptx_data (SFT or pretraining conversation records)")
+        self.template = config_lib.auto_choice(self.template, "template", templates.STYLES)
 
 
 # ---------------------------------------------------------------- the math of one PPO step (SPEC §6)
@@ -417,7 +418,7 @@ def make_generator(model, tokenizer, meta: dict, template: str) -> Generator:
 def read_prompt_files(paths: Sequence[str]) -> list[Record]:
     prompts = []
     for path in paths:
-        prompts += preferences.read_prompts(path)
+        prompts += [preferences.prompt_record(conv) for conv, _, _ in preferences.read_prompts(path)]
     return prompts
 
 
@@ -576,13 +577,13 @@ def main(cfg: Config, reward_fn: RewardFn | None = None) -> dict:
     # 0. models, reward source, prompts
     policy, ref_copy, tokenizer, meta = load_policy(cfg, dev)
     reference = Reference(policy, ref_copy)
-    gen = make_generator(policy, tokenizer, meta, cfg.template)
+    gen = make_generator(policy, tokenizer, meta, config_lib.unless_auto(cfg.template))
     hidden = _unwrap(policy).config.hidden_size
     value_head = ValueHead(hidden).to(dev)
     if reward_fn is not None:
         source = "reward function (given)"
     elif not cfg.reward_model and not cfg.reward_fn:
-        raise UserError("no reward source: give --reward-model FOLDER or --reward-fn module:function")
+        raise UserError("no reward source: give --reward_model FOLDER or --reward_fn module:function")
     else:
         reward_fn, source = load_reward(cfg, dev)
     all_prompts = read_prompt_files(cfg.prompts)
@@ -605,7 +606,7 @@ def main(cfg: Config, reward_fn: RewardFn | None = None) -> dict:
         raise UserError(f"no prompts of at most train.max_length={targs.max_length} tokens that leave "
                         f"sampling.max_new_tokens={cfg.sampling.max_new_tokens} of the policy's context ({context})",
                         field="prompts")  # fmt: skip
-    eval_prompts = preferences.read_prompts(cfg.eval_prompts) if cfg.eval_prompts else prompts
+    eval_prompts = read_prompt_files([cfg.eval_prompts]) if cfg.eval_prompts else prompts
     eval_prompts = eval_prompts[: cfg.samples]
     ptx = ptx_examples(cfg.ptx_data, tokenizer, gen, targs.max_length) if pargs.ptx_coef > 0 else []
     per_epoch = math.ceil(len(prompts) / targs.batch_size)

@@ -33,7 +33,7 @@ from steerlm.attributes import (
     computed_to_dict,
     with_computed,
 )
-from steerlm.data import helpsteer, hh, oasst
+from steerlm.data import formats, helpsteer, hh, oasst
 from steerlm.data.records import TEXT_TO_VALUE, Record, record_from_json, write_records
 from steerlm.errors import UserError
 from steerlm.io import read_jsonl, write_json
@@ -111,24 +111,10 @@ class Config:
 # ---------------------------------------------------------------- reading sources
 
 
-def detect_format(obj: Any) -> str | None:
-    """The source format from its first record, or None when it is not recognised."""
-    layout = oasst.detect_layout(obj)
-    if layout:
-        return layout
-    if hh.detect(obj):
-        return "hh"
-    if helpsteer.detect(obj):
-        return "helpsteer2"
-    if isinstance(obj, dict) and "conversations" in obj:
-        return "records"
-    return None
-
-
 def _check_format(cfg: Config, first: Any, source: str) -> str:
     if first is None:
         raise UserError("holds no records", file=source, field="source")
-    found = detect_format(first)
+    found = formats.detect(first)
     if cfg.format == "auto":
         if found is None:
             keys = ", ".join(first) if isinstance(first, dict) else type(first).__name__

@@ -47,6 +47,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from steerlm import config as config_lib
 from steerlm.attributes import parse_assignment
 from steerlm.batching import DONE, ERROR, TEXT, Engine, Finished, QueueFull, Row
 from steerlm.data import invariants, templates
@@ -80,8 +81,8 @@ class Config:
     override them, and attributes set nowhere take the schema defaults."""
     system: str | None = None
     """Default system prompt when a chat request has none (default: NeMo's SteerLM system prompt)."""
-    template: str = ""
-    """Override the model's template style ('nemo' or 'chat')."""
+    template: str = "auto"
+    """Template style: 'nemo', 'chat', or 'auto' (the model's steerlm_model.json, else 'chat')."""
     dtype: str = ""
     """Model dtype ('bf16', 'fp16', 'fp32'; default fp32)."""
     threads: int = 0
@@ -113,8 +114,7 @@ class Config:
     def __post_init__(self):
         if not self.api_key:
             self.api_key = os.environ.get("STEERLM_API_KEY", "")
-        if self.template not in ("", *templates.STYLES):
-            raise ValueError(f"template must be one of {templates.STYLES}, not {self.template!r}")
+        self.template = config_lib.auto_choice(self.template, "template", templates.STYLES)
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, not {self.port}")
         for name in ("max_batch_size", "max_queue", "max_tokens", "default_max_tokens", "max_n",
@@ -854,8 +854,8 @@ def create_app(cfg: Config | str, *, generator=None, apm=None):
     if generator is None:
         from steerlm.generate import Generator
 
-        generator = Generator.load(cfg.model, dtype=cfg.dtype or None, template=cfg.template or None)
-    elif cfg.template:
+        generator = Generator.load(cfg.model, dtype=cfg.dtype or None, template=config_lib.unless_auto(cfg.template))
+    elif config_lib.unless_auto(cfg.template):
         generator.template = cfg.template
     if apm is None and cfg.apm:
         from steerlm.apm import load_apm

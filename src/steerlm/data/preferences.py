@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from steerlm.attributes import AttributeSchema
-from steerlm.data import hh, oasst
+from steerlm.data import formats, hh, oasst
 from steerlm.data.records import ASSISTANT, USER, Record, Turn, read_records, record_from_json
 from steerlm.errors import UserError
 from steerlm.io import read_jsonl
@@ -228,59 +228,74 @@ def prompt_of(record: Record) -> Record | None:
     return _prefix(record, last + 1) if last >= 0 else None
 
 
-def prompt_from_json(obj: Any, *, file: str | None = None, line: int | None = None) -> Record:
-    """A prompt from one JSON line: a string, `{"prompt": str}`, MT-Bench's `{"turns": [...]}` (the first turn), or a
-    conversation record (cut after its last User turn)."""
+#: One prompt of a prompts file: the conversation to answer (a plain string stays a string, so that the caller's
+#: system prompt applies), its own attribute levels (a mapping or an attribute string; {} when none) and the line's
+#: other keys (e.g. MT-Bench's `question_id`), which `steerlm generate --out` writes back beside the answer.
+PromptItem = tuple[Record | str, dict | str, dict]
+
+
+def prompt_from_json(obj: Any, *, file: str | None = None, line: int | None = None) -> PromptItem:
+    """A prompt from one JSON line (SPEC §2): a string, `{"prompt": str, "attributes": ...}`, MT-Bench's
+    `{"turns": [...]}` (the first turn), or a conversation record (cut after its last User turn; its `attributes`
+    key, if any, gives its levels). The one parser of a prompt line (generate, evaluate, ppo)."""
+    attrs: Any = {}
+    extra: dict = {}
     if isinstance(obj, dict) and "conversations" not in obj:
         if isinstance(obj.get("prompt"), str):
+            attrs = obj.get("attributes") or {}
+            extra = {k: v for k, v in obj.items() if k not in ("prompt", "attributes")}
             obj = obj["prompt"]
         elif isinstance(obj.get("turns"), list) and obj["turns"] and isinstance(obj["turns"][0], str):
+            extra = {k: v for k, v in obj.items() if k != "turns"}
             obj = obj["turns"][0]
+        else:
+            raise UserError('expected a string, {"prompt": ...}, {"turns": [...]} or a conversation record',
+                            file=file, line=line)  # fmt: skip
+    if not isinstance(attrs, (dict, str)):
+        raise UserError("must be a mapping of attribute levels", file=file, line=line, field="attributes")
     if isinstance(obj, str):
         if not obj.strip():
             raise UserError("empty prompt", file=file, line=line, field="prompt")
-        return Record([Turn(USER, obj)])
+        return obj, attrs, extra
     record = record_from_json(obj, file=file, line=line)
     prompt = prompt_of(record)
     if prompt is None:
         raise UserError("the conversation has no User turn to answer", file=file, line=line, field="conversations")
-    return prompt
+    attrs = obj.get("attributes") or {}
+    if not isinstance(attrs, (dict, str)):
+        raise UserError("must be a mapping of attribute levels", file=file, line=line, field="attributes")
+    return prompt, attrs, extra
+
+
+def prompt_record(conversation: Record | str) -> Record:
+    """A prompt as a record (a plain string becomes one User turn under the default system prompt)."""
+    return Record([Turn(USER, conversation)]) if isinstance(conversation, str) else conversation
 
 
 # ---------------------------------------------------------------- reading any supported file
-
-
-def detect(path: str | Path) -> str:
-    """'hh', 'oasst', 'oasst-trees' or 'records', from a file's first line (`hub:ID` sources: by name)."""
-    path = str(path)
-    if path.startswith("hub:"):
-        return "hh" if "hh-rlhf" in path.lower() else "oasst"
-    first = oasst.first_record(path)
-    if hh.detect(first):
-        return "hh"
-    return oasst.detect_layout(first) or "records"
 
 
 def read_source(path: str | Path, schema: AttributeSchema | None = None, *, lang: str | None = "en",
                 skip_invalid: bool = False, stats: Counter | None = None) -> tuple[str, list]:  # fmt: skip
     """(kind, items): HH-RLHF pairs (`kind='hh'`) or conversation records (OASST flattened, or records as written)."""
     stats = Counter() if stats is None else stats
-    kind = detect(path)
+    kind = formats.detect_file(path)
     if kind == "hh":
         return kind, hh.read_pairs(path, skip_invalid=skip_invalid, stats=stats)
     if kind in ("oasst", "oasst-trees"):
         schema = schema or AttributeSchema()
         return "oasst", oasst.load_records(path, schema, lang=lang, skip_invalid=skip_invalid, stats=stats)
-    return kind, read_records(path, skip_invalid=skip_invalid, stats=stats)
+    return "records", read_records(path, skip_invalid=skip_invalid, stats=stats)
 
 
-def read_prompts(path: str | Path) -> list[Record]:
-    """Prompts of any supported file: HH pairs and OASST give their prompts (each distinct one once), JSONL of
-    strings / `{"prompt"}` / `{"turns"}` / records give one each."""
-    kind = detect(path)
+def read_prompts(path: str | Path) -> list[PromptItem]:
+    """Prompts of any supported file, the one prompt reader: HH pairs and OASST give their prompts (each distinct
+    one once, no attributes), JSONL of strings / `{"prompt"}` / `{"turns"}` / records give one each
+    (`prompt_from_json`)."""
+    kind = formats.detect_file(path)
     if kind == "hh":
-        return [Record([Turn(t.role, t.value) for t in p.prompt]) for p in hh.read_pairs(path)]
+        return [(Record([Turn(t.role, t.value) for t in p.prompt]), {}, {}) for p in hh.read_pairs(path)]
     if kind in ("oasst", "oasst-trees"):
         _, records = read_source(path)
-        return [prompt for prompt, _, _ in sibling_groups(records).values()]
+        return [(prompt, {}, {}) for prompt, _, _ in sibling_groups(records).values()]
     return [prompt_from_json(obj, file=str(path), line=line) for line, obj in read_jsonl(path)]

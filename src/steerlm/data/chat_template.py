@@ -189,7 +189,7 @@ def build(style: str, schema: AttributeSchema | None, base: str | None = None) -
 def base_template(template: str | None) -> str | None:
     """The base model's chat template that a steerlm template carries; any other template as it is (None for a
     steerlm template built without one)."""
-    if not template or not template.startswith(HEADER):
+    if not isinstance(template, str) or not template.startswith(HEADER):
         return template
     if _BASE_BEGIN not in template:
         return None
@@ -205,7 +205,8 @@ def schema_of(meta: Mapping) -> AttributeSchema | None:
 
 def from_meta(meta: Mapping, tokenizer) -> str:
     """The chat template for a model folder's `steerlm_model.json` contents and its tokenizer."""
-    return build(meta.get("template", "chat"), schema_of(meta), getattr(tokenizer, "chat_template", None))
+    base = getattr(tokenizer, "chat_template", None)  # a dict of named templates is not one to wrap
+    return build(meta.get("template", "chat"), schema_of(meta), base if isinstance(base, str) else None)
 
 
 # ---------------------------------------------------------------- proof against steerlm's own prompt

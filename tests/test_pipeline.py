@@ -30,8 +30,12 @@ def test_pipeline_writes_every_stage(tiny_run, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["model"].endswith("bootstrap/sft/best")
     check = json.loads((out / "check" / "steerability.json").read_text())
-    assert set(check["attributes"]) == {"quality", "humor"}
-    assert all(len(v["measured_mean"]) == 2 for v in check["attributes"].values())
+    assert set(check["attributes"]) == {"verbosity", "quality", "humor"}
+    assert check["attributes"]["verbosity"]["requested"] == [0, 4, 9] and len(check["words"]["verbosity"]) == 3
+    assert all(len(check["attributes"][a]["measured_mean"]) == 2 for a in ("quality", "humor"))
+    assert check["samples"]["lowest"]["level"] == 0 and check["samples"]["highest"]["level"] == 9
+    assert set(check["readout"]) >= {"verbosity"}  # the bootstrap SFT's own read-out, from its summary
+    assert (out / "check" / "steerability.png").stat().st_size > 1000
 
 
 def test_rerun_skips_finished_stages_and_reruns_changed_ones(tiny_run, capsys):

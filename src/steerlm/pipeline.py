@@ -28,6 +28,10 @@ class CheckArgs:
     """Attributes to steer, one at a time (the others stay at their defaults)."""
     levels: list[int] = field(default_factory=list)
     """Requested levels; empty means low and high: 0 and the top level."""
+    levels_for: dict = field(default_factory=dict)
+    """Requested levels of particular attributes, overriding `levels` (e.g. {verbosity: [0, 1, 2, 3, 4]})."""
+    max_new_tokens_for: dict = field(default_factory=dict)
+    """Longest answer for particular attributes, overriding `max_new_tokens` (verbosity needs room to be long)."""
     num_prompts: int = 8
     """Held-out prompts (from the validation split) answered at each level."""
     max_new_tokens: int = 64
@@ -154,6 +158,10 @@ def main(cfg: Config) -> dict:
     table = summary_table(results, "pipeline summary")
     print("\n" + table)
     print("\n" + check.details.get("table", ""))
+    samples = show_samples(check.details)
+    if samples:
+        print("\nthe same prompt at the lowest and highest verbosity:\n" + samples)
+    print(f"\n(plot: {check_dir / 'steerability.png'})")
     demo(model, cfg.check)
     summary = {"model": model, "apm": apm_model, "stages": [r.__dict__ for r in results]}
     write_json(out / "summary.json", summary)
@@ -217,13 +225,18 @@ def _check_metric(r: dict) -> str:
 
 
 def run_check(model: str, apm_model: str, data_dir: Path, check: CheckArgs, out: Path) -> dict:
-    """Answer held-out prompts at low and high levels of each attribute and measure the answers: with the APM, or for
-    computed attributes (verbosity) with their own measure and the model's bucket edges."""
+    """Answer held-out prompts at several levels of each attribute (one at a time, the others at their defaults) and
+    measure the answers: computed attributes (verbosity) with their own measure and the model's bucket edges, the
+    others with the APM. Writes steerability.json and steerability.png; the report also holds the words per level,
+    one prompt's answers at the lowest and highest verbosity, and the model's own read-out from its SFT summary."""
+    import json
+
     from steerlm.apm import load_apm
     from steerlm.bootstrap import training_prompts
+    from steerlm.conditioning import format_readout
     from steerlm.data.records import read_records
     from steerlm.generate import Generator, SamplingArgs
-    from steerlm.steerability import format_table, measure_attribute, scorer_for
+    from steerlm.steerability import format_table, mean_words, measure_attribute, plot_results, scorer_for
 
     generator = Generator.load(model)
     if generator.schema is None:
@@ -231,22 +244,37 @@ def run_check(model: str, apm_model: str, data_dir: Path, check: CheckArgs, out:
     scorer = load_apm(apm_model)
     prompts = training_prompts(read_records(data_dir / "val.jsonl"))
     prompts = random.Random(check.seed).sample(prompts, min(check.num_prompts, len(prompts)))
-    levels = check.levels or [0, generator.schema.max_level]
+    top = generator.schema.max_level
     measurable = [(a, scorer_for(a, scorer, generator.computed)) for a in check.attributes
                   if a in generator.schema.names]  # fmt: skip
     measurable = [(a, s) for a, s in measurable if s is not None]
 
     def at(scale: float) -> list:
-        sampling = SamplingArgs(max_new_tokens=check.max_new_tokens, temperature=check.temperature, seed=check.seed,
-                                guidance_scale=scale)  # fmt: skip
-        return [measure_attribute(generator, s, prompts, a, levels, sampling) for a, s in measurable]
+        results = []
+        for a, s in measurable:
+            levels = [min(lv, top) for lv in check.levels_for.get(a, check.levels)] or [0, top]
+            sampling = SamplingArgs(max_new_tokens=int(check.max_new_tokens_for.get(a, check.max_new_tokens)),
+                                    temperature=check.temperature, seed=check.seed, guidance_scale=scale)  # fmt: skip
+            results.append(measure_attribute(generator, s, prompts, a, sorted(set(levels)), sampling, batch_size=16))
+        return results
 
     results = at(check.guidance_scale)
-    table = format_table(results)
+    table = f"{len(prompts)} held-out prompts; " + format_table(results)
     if check.guidance_scale != 1.0:
         table = f"guidance scale {check.guidance_scale:g}, " + table
-    report = {"table": table, "guidance_scale": check.guidance_scale,
+    words = {r.attribute: mean_words(r) for r in results}
+    if "verbosity" in words:
+        r = next(r for r in results if r.attribute == "verbosity")
+        table += "\n  mean words   " + "  ".join(f"{lv}->{w:g}" for lv, w in zip(r.requested, words["verbosity"],
+                                                                                   strict=True))  # fmt: skip
+    report = {"table": table, "guidance_scale": check.guidance_scale, "prompts": len(prompts), "words": words,
               "attributes": {r.attribute: r.to_json() for r in results}}  # fmt: skip
+    verb = next((r for r in results if r.attribute == "verbosity"), None)
+    if verb is not None and len(verb.requested) > 1:  # one prompt, lowest and highest verbosity
+        lo, hi = verb.requested[0], verb.requested[-1]
+        report["samples"] = {"prompt": prompts[0].conversations[-1].value,
+                             "lowest": {"level": lo, "answer": verb.answers[lo][0]},
+                             "highest": {"level": hi, "answer": verb.answers[hi][0]}}  # fmt: skip
     others = [s for s in dict.fromkeys(check.compare_guidance) if s != check.guidance_scale]
     if others:
         report["by_guidance"] = {}
@@ -254,9 +282,32 @@ def run_check(model: str, apm_model: str, data_dir: Path, check: CheckArgs, out:
             extra = at(scale)
             report["by_guidance"][f"{scale:g}"] = {r.attribute: r.to_json() for r in extra}
             report["table"] += f"\n\nguidance scale {scale:g}, " + format_table(extra)
+    sft_summary = Path(model).parent / "summary.json"
+    readout = json.loads(sft_summary.read_text()).get("readout") if sft_summary.is_file() else None
+    if readout:
+        report["readout"] = readout
+        report["table"] += ("\n\nthe model's own read-out of held-out answers (levels from their labels; chance = 1/L):\n"
+                            + format_readout(readout))  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "steerability.json", report)
+    plot_results(results, out / "steerability.png", f"{Path(model).parent.name}: requested vs measured level")
     return report
+
+
+def show_samples(report: dict, width: int = 600) -> str:
+    """One prompt's answers at the lowest and highest verbosity, as the check recorded them."""
+    s = report.get("samples")
+    if not s:
+        return ""
+
+    def clip(text: str) -> str:
+        text = text.strip()
+        return text if len(text) <= width else text[:width].rstrip() + " [...]"
+
+    return (
+        f"prompt: {s['prompt']}\n\n[verbosity={s['lowest']['level']}]\n{clip(s['lowest']['answer'])}\n\n"
+        f"[verbosity={s['highest']['level']}]\n{clip(s['highest']['answer'])}"
+    )
 
 
 def demo(model: str, check: CheckArgs) -> None:

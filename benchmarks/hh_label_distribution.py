@@ -29,10 +29,16 @@ def main() -> None:
     ap.add_argument("--apm", required=True)
     ap.add_argument("--pairs", type=int, default=500, help="pairs per file")
     ap.add_argument("--out", default="hh_label_distribution.png")
+    ap.add_argument("--data", default="", help="prepare folder: fit the map from its val.jsonl predictions and "
+                    "train.jsonl labels, as train-apm does, for an APM that stores none")  # fmt: skip
     args = ap.parse_args()
     model = apm.load_apm(args.apm)
+    if args.data and not model.calibration:
+        val = apm.read_examples(Path(args.data) / "val.jsonl", model.schema)
+        train = apm.read_examples(Path(args.data) / "train.jsonl", model.schema)
+        model.meta["calibration"] = apm.fit_calibration(model.predict(val), train, model.schema)
     if not model.calibration:
-        raise SystemExit(f"{args.apm} has no calibration map (trained before issue #13)")
+        raise SystemExit(f"{args.apm} has no calibration map (trained before issue #13); pass --data")
     records = []
     for name in FILES:
         recs, _ = annotate.read_input(DATA / name, "hh", skip_invalid=True)

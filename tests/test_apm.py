@@ -303,7 +303,7 @@ def test_regression_apm_is_a_standard_sequence_classification_folder(data_dir, t
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     out = tmp_path / "apm"
-    _train(monkeypatch, _cfg(data_dir, out, model="tiny-encoder", pooling="cls", input="pair"))
+    _train(monkeypatch, _cfg(data_dir, out, model="tiny-encoder", pooling="cls", input="pair", length_feature=False))
     best = out / apm.BEST
     config = json.loads((best / "config.json").read_text())
     meta = json.loads((best / apm.META).read_text())

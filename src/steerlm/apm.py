@@ -19,6 +19,7 @@ the server and the evaluation use.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import json
 import os
 import shutil
@@ -68,7 +69,7 @@ class APMTrainArgs(TrainArgs):
     lr: float = 5e-5
     """Peak learning rate of the backbone (MiniLM regression: 5e-5; LoRA on a causal LM wants ~2e-4)."""
     head_lr: float = 1e-3
-    """Learning rate of the new regression head (0: the backbone's `lr`)."""
+    """Learning rate of the new regression head (0: the backbone's `lr`; a generative APM has no head)."""
     warmup_ratio: float = 0.1
     """Fraction of steps of linear warm-up before cosine decay."""
     batch_size: int = 16
@@ -983,7 +984,9 @@ def main(cfg: Config) -> dict:
 
     out.mkdir(parents=True, exist_ok=True)
     config_lib.save(cfg, out)
-    summary = train.fit(model, train_rows, collate, loss_fn, cfg.train, out, evaluate=evaluate, save_best=save_best,
+    # head_lr is the regression head's; a generative APM has no head (fit refuses a head_lr that applies to nothing)
+    args = cfg.train if cfg.kind == "regression" else dataclasses.replace(cfg.train, head_lr=0.0)
+    summary = train.fit(model, train_rows, collate, loss_fn, args, out, evaluate=evaluate, save_best=save_best,
                         resume=cfg.resume, desc="train-apm")  # fmt: skip
     # 4. the best model against the validation labels (eval-apm's metrics) and the calibration map from its
     # validation predictions; then drop the resumable checkpoint

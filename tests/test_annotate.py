@@ -179,7 +179,7 @@ def test_pipeline_adds_apm_labelled_hh_rlhf_to_the_sft_data(shared_data, tmp_pat
     out = tmp_path / "run"
     hh_files = [shared_data / "hh-rlhf" / "helpful-base-dev.jsonl.gz", shared_data / "hh-rlhf" / "harmless-base-dev.jsonl.gz"]  # fmt: skip
     args = ["pipeline", "--preset", "tiny", f"--out={out}", f"--prepare.source={shared_data / 'oasst1' / 'oasst1-en-dev.jsonl'}",
-            "--prepare.max_trees=12", "--run_bootstrap=false", f"--hh_rlhf={','.join(map(str, hh_files))}",
+            "--prepare.max_trees=12", "--run_bootstrap=false", *(f"--hh_rlhf={f}" for f in hh_files),
             "--hh_rlhf_max_pairs=3"]  # fmt: skip
     assert cli.run(args) == 0
     train = read_records(out / "annotated_hh" / "train.jsonl")

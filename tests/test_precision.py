@@ -39,6 +39,10 @@ def test_auto_takes_bf16_only_where_it_pays(monkeypatch):
     with pytest.raises(UserError, match="needs a CUDA device") as e:
         train.resolve_precision("fp16", cuda=False)
     assert e.value.field == "train.precision"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # `accelerate launch --mixed_precision bf16` wins
+    monkeypatch.setattr(train, "cpu_has_fast_bf16", lambda: False)
+    assert train.resolve_precision("auto", cuda=False)[0] == "bf16"
+    assert train.resolve_precision("fp32", cuda=False)[0] == "fp32"
     with pytest.raises(ValueError, match="precision must be one of auto, fp32, bf16, fp16"):
         TrainArgs(precision="fp8")
 

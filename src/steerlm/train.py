@@ -55,6 +55,10 @@ def resolve_precision(precision: str, cuda: bool | None = None) -> tuple[str, st
         raise UserError(f"{where} has no bf16; use fp16 or fp32", field="train.precision")
     if precision != "auto":
         return precision, f"asked for, on {where}"
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")  # `accelerate launch --mixed_precision X`
+    if launched in ("bf16", "fp16"):
+        chosen = resolve_precision(launched, cuda)[0]  # fp16 on a CPU is the same error as when asked for
+        return chosen, f"auto: accelerate launch --mixed_precision {launched}, on {where}"
     if cuda:
         if torch.cuda.is_bf16_supported():
             return "bf16", f"auto: {where} supports bf16"

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from steerlm import conditioning, models, train
+from steerlm import conditioning, model_card, models, train
 from steerlm import config as config_lib
 from steerlm.attributes import COMPUTED, NAMED_SETS, AttributeSchema, LengthBuckets, computed_to_dict
 from steerlm.conditioning import ConditioningLossArgs
@@ -482,6 +482,7 @@ def run(cfg: Config) -> tuple[dict, torch.nn.Module]:
                    readout=readouts[-1] if readouts else None)  # fmt: skip
     if accelerator.is_main_process:
         write_json(out / SUMMARY, summary)
+        model_card.write(out / BEST, summary=summary)  # the card now has the measured loss, flip gap and read-out
     best = "n/a" if summary.get("best") is None else f"{summary['best']:.4f} at step {summary['best_step']}"
     say(f"sft: {summary['steps']} steps in {summary['seconds']} s on {accelerator.num_processes} process(es); "
         f"best val_loss {best} -> {out / BEST}")  # fmt: skip

@@ -451,12 +451,10 @@ def readout(model, tokenizer, items: Sequence[ReadoutItem], schema: AttributeSch
                                      style, max_length) for level in range(L)]  # fmt: skip
         if any(e is None for e in examples):
             continue
-        aligned = [examples[0]["labels"]]
+        shortest = examples[0]["labels"]  # the answer tokens every level's encoding still holds
         for e in examples[1:]:
-            aligned[0], _ = align_trained(aligned[0], e["labels"])
-        examples = [
-            {"input_ids": e["input_ids"], "labels": align_trained(e["labels"], aligned[0])[0]} for e in examples
-        ]
+            shortest, _ = align_trained(shortest, e["labels"])
+        examples = [{"input_ids": e["input_ids"], "labels": align_trained(e["labels"], shortest)[0]} for e in examples]
         logps = torch.tensor(answer_logps(model, examples, tokenizer.pad_token_id, batch_size, device))
         post = torch.softmax(logps, dim=0)
         expected = float((post * torch.arange(L)).sum())

@@ -21,12 +21,9 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from steerlm import conditioning
-from steerlm.data.records import read_records
+from steerlm.data.records import VAL_NAMES, read_records
 from steerlm.errors import UserError
 from steerlm.io import write_json
-
-#: What a data folder's held-out split is called (the first existing name is used).
-VAL_NAMES = ("val.jsonl", "val.jsonl.gz", "validation.jsonl", "validation.jsonl.gz")
 
 
 @dataclass

@@ -38,16 +38,13 @@ from steerlm.attributes import COMPUTED, NAMED_SETS, AttributeSchema, LengthBuck
 from steerlm.conditioning import ConditioningLossArgs
 from steerlm.config import TrainArgs
 from steerlm.data import invariants, templates
-from steerlm.data.records import ASSISTANT, VALUE_TO_TEXT, Record, Turn, read_records
+from steerlm.data.records import ASSISTANT, TRAIN_NAMES, VAL_NAMES, VALUE_TO_TEXT, Record, Turn, read_records
 from steerlm.errors import UserError
 from steerlm.io import write_json
 
 META = "steerlm_model.json"
 BEST = "best"
 SUMMARY = "summary.json"
-#: What `steerlm prepare`/`annotate` name their splits (the first existing name is used).
-TRAIN_NAMES = ("train.jsonl", "train.jsonl.gz")
-VAL_NAMES = ("val.jsonl", "val.jsonl.gz", "validation.jsonl", "validation.jsonl.gz")
 
 
 @dataclass

@@ -29,6 +29,11 @@ DEFAULT_SYSTEM = (
 )
 
 
+#: What `steerlm prepare`/`annotate` name a folder's splits (the first existing name is used).
+TRAIN_NAMES = ("train.jsonl", "train.jsonl.gz")
+VAL_NAMES = ("val.jsonl", "val.jsonl.gz", "validation.jsonl", "validation.jsonl.gz")
+
+
 @dataclass
 class Turn:
     role: str

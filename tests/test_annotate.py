@@ -159,6 +159,7 @@ def test_annotate_calibrates_labels_and_says_so(work, tmp_path):
     _run(work, input=str(source), out=str(rounded), calibrate=False)
     meta = json.loads((tmp_path / "cal.jsonl.meta.json").read_text())
     assert meta["labels"] == "quantile-mapped" and "quantile" in meta["calibration"]
+    assert meta["levels"] == SCHEMA.levels  # what sft reads as L (records.data_levels)
     assert json.loads((tmp_path / "round.jsonl.meta.json").read_text())["labels"] == "rounded"
     cal = [SCHEMA.parse(t.label) for r in read_records(calibrated) for t in r.assistant_turns]
     rnd = [SCHEMA.parse(t.label) for r in read_records(rounded) for t in r.assistant_turns]

@@ -137,7 +137,7 @@ def test_sft_logs_the_readout_and_the_discriminative_term(tmp_path):
     data.mkdir()
     write_records(data / "train.jsonl", synthetic(24, seed=4))
     write_records(data / "val.jsonl", synthetic(6, seed=5))
-    (data / "stats.json").write_text(json.dumps({"levels": 4}))
+    (data / "stats.json").write_text(json.dumps({"attributes": {"names": ["humor"], "levels": 4}}))  # as prepare
     out = tmp_path / "sft"
     args = ["sft", "--model=tiny-lm", f"--data={data}", f"--out={out}", "--train.max_steps=4", "--train.lr=1e-3",
             "--train.batch_size=4", "--train.log_every=1", "--readout_examples=4", "--template=chat"]  # fmt: skip

@@ -12,7 +12,7 @@ import yaml
 
 from steerlm import cli, prepare
 from steerlm.config import build
-from steerlm.data.records import TEXT_TO_VALUE, VALUE_TO_TEXT, read_records
+from steerlm.data.records import TEXT_TO_VALUE, VALUE_TO_TEXT, data_levels, read_records
 from steerlm.errors import UserError
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -55,10 +55,24 @@ def test_cli_prepares_oasst(tmp_path, capsys):
     # existing output without overwrite: a user error, exit 2, no traceback
     code, _, err = run_prepare(capsys, f"--source={OASST}", f"--out={out}")
     assert code == 2 and "already exists" in err and "--overwrite" in err and "Traceback" not in err
-    code, _, err = run_prepare(capsys, f"--source={OASST}", f"--out={out}", "--overwrite", "--max_trees=20")
+    code, _, err = run_prepare(capsys, f"--source={OASST}", f"--out={out}", "--overwrite", "--max_trees=20",
+                               "--levels=5")  # fmt: skip
     assert code == 0, err
     stats = json.loads((out / "stats.json").read_text())
     assert stats["train"]["groups"] + stats["val"]["groups"] == 20
+    # what sft and train-apm read as L: the folder's own, not SPEC §1's default 10
+    assert data_levels(out) == data_levels(out / "train.jsonl") == 5
+
+
+def test_data_levels_sources(tmp_path):
+    assert data_levels(tmp_path) == 0  # nothing says: the caller's default applies
+    (tmp_path / "train.jsonl").write_text("")
+    (tmp_path / "train.jsonl.meta.json").write_text(json.dumps({"levels": 4, "labels": "quantile-mapped"}))
+    assert data_levels(tmp_path) == data_levels(tmp_path / "train.jsonl") == 4  # `steerlm annotate`'s metadata
+    (tmp_path / "stats.json").write_text(json.dumps({"attributes": {"names": ["quality"], "levels": 3}}))
+    assert data_levels(tmp_path) == 3  # `steerlm prepare`'s statistics come first
+    (tmp_path / "stats.json").write_text("{not json")
+    assert data_levels(tmp_path) == 4  # an unreadable file says nothing
 
 
 def test_user_errors_exit_2_without_traceback(tmp_path, capsys):

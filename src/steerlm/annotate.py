@@ -228,7 +228,7 @@ def main(cfg: Config) -> dict:
     os.replace(partial, out)
     progress.unlink(missing_ok=True)
     write_json(out.with_name(out.name + META), {
-        "apm": str(apm.path), "labels": "quantile-mapped" if calibrated else "rounded",
+        "apm": str(apm.path), "levels": apm.schema.levels, "labels": "quantile-mapped" if calibrated else "rounded",
         "calibration": (apm.meta.get("calibration") or {}).get("method") if calibrated else None,
         "label_counts": label_counts(out, apm.schema)})  # fmt: skip
     seconds, loop_seconds = time.time() - start, time.time() - loop_start

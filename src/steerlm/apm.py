@@ -42,7 +42,7 @@ from steerlm.attributes import HELPSTEER, NAMED_SETS, OASST_LABELS, STEERABLE, A
 from steerlm.config import TrainArgs
 from steerlm.data import templates
 from steerlm.data.collate import collate_packed, model_inputs, pad
-from steerlm.data.records import ASSISTANT, DEFAULT_SYSTEM, TEXT_TO_VALUE, Record, Turn, record_from_json
+from steerlm.data.records import ASSISTANT, DEFAULT_SYSTEM, TEXT_TO_VALUE, Record, Turn, data_levels, record_from_json
 from steerlm.errors import UserError
 from steerlm.io import read_jsonl, write_json
 
@@ -264,18 +264,6 @@ def data_files(folder: str | Path, kind: str) -> tuple[Path, Path]:
         raise UserError(f"missing {names[0]} (or {names[1]})", file=str(folder))
 
     return pick("train"), pick("val")
-
-
-def data_levels(folder: str | Path) -> int | None:
-    """The number of levels recorded by `steerlm prepare` in the data folder's config.yaml, if any."""
-    path = Path(folder) / "config.yaml"
-    if not path.exists():
-        return None
-    cfg = config_lib.read_yaml(path)
-    for node in (cfg, cfg.get("attributes") if isinstance(cfg.get("attributes"), dict) else {}):
-        if isinstance(node.get("levels"), int):
-            return node["levels"]
-    return None
 
 
 # ---------------------------------------------------------------- backbones and the regression model

@@ -22,7 +22,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 from collections import Counter
@@ -38,7 +37,16 @@ from steerlm.attributes import COMPUTED, NAMED_SETS, AttributeSchema, LengthBuck
 from steerlm.conditioning import ConditioningLossArgs
 from steerlm.config import TrainArgs
 from steerlm.data import invariants, templates
-from steerlm.data.records import ASSISTANT, TRAIN_NAMES, VAL_NAMES, VALUE_TO_TEXT, Record, Turn, read_records
+from steerlm.data.records import (
+    ASSISTANT,
+    TRAIN_NAMES,
+    VAL_NAMES,
+    VALUE_TO_TEXT,
+    Record,
+    Turn,
+    data_levels,
+    read_records,
+)
 from steerlm.errors import UserError
 from steerlm.io import write_json
 
@@ -163,16 +171,6 @@ def data_files(cfg: Config) -> tuple[Path, Path | None]:
         if not val.is_file():
             raise UserError("no such validation file", file=str(val))
     return train_file, val
-
-
-def data_levels(train_file: Path) -> int:
-    """L of the labels in a `steerlm prepare`/`annotate` folder (its stats.json), or 0 when it does not say: the
-    labels of a folder prepared with `--levels=5` must not be read on a 10-level scale."""
-    stats = train_file.parent / "stats.json"
-    try:
-        return int(json.loads(stats.read_text(encoding="utf-8")).get("levels") or 0) if stats.is_file() else 0
-    except (ValueError, TypeError, AttributeError):
-        return 0
 
 
 def _label_keys(label: str) -> list[str]:

@@ -9,10 +9,13 @@ read and written again loses nothing.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from steerlm.errors import UserError
 from steerlm.io import read_jsonl, write_jsonl
@@ -144,3 +147,30 @@ def read_records(path: str | Path, *, skip_invalid: bool = False, stats: Counter
 def write_records(path: str | Path, records) -> int:
     """Atomically write records as JSONL; returns how many."""
     return write_jsonl(path, (r.to_json() for r in records))
+
+
+def data_levels(path: str | Path) -> int:
+    """L, the number of label levels of a data folder or records file, as the stage that wrote it recorded it; 0
+    when nothing says (the caller then falls back to its own default, SPEC §1's 10).
+
+    Looked up in order: `steerlm prepare`'s stats.json and config.yaml beside the records (`levels`, at the top or
+    under `attributes`), then `steerlm annotate`'s `<file>.meta.json` (`levels`). Labels prepared with
+    `--levels=5` must never be read on a 10-level scale. Unreadable files count as saying nothing."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    files = [path / n for n in TRAIN_NAMES] if path.is_dir() else [path]
+    candidates = [folder / "stats.json", folder / "config.yaml"] + [f.with_name(f.name + ".meta.json") for f in files]
+    for file in candidates:
+        if not file.is_file():
+            continue
+        try:
+            text = file.read_text(encoding="utf-8")
+            doc = yaml.safe_load(text) if file.suffix == ".yaml" else json.loads(text)
+        except (OSError, ValueError, yaml.YAMLError):
+            continue
+        if not isinstance(doc, dict):
+            continue
+        for node in (doc, doc.get("attributes")):
+            if isinstance(node, dict) and isinstance(node.get("levels"), int) and node["levels"] > 0:
+                return node["levels"]
+    return 0

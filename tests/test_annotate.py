@@ -194,3 +194,9 @@ def test_pipeline_adds_apm_labelled_hh_rlhf_to_the_sft_data(shared_data, tmp_pat
     assert (out / "sft" / "best" / "steerlm_model.json").exists()
     with pytest.raises(UserError, match="hh_rlhf_max_pairs"):
         config_lib.build(pipeline.Config, {"hh_rlhf_max_pairs": -1})
+    # an entry may list candidates (as prepare.source): the first that exists is used, else every reason is named
+    cfg = config_lib.build(pipeline.Config, {"hh_rlhf": [[str(tmp_path / "absent.jsonl.gz"), str(hh_files[0])]]})
+    used, records, _ = pipeline._read_hh(cfg.hh_rlhf[0])
+    assert used == str(hh_files[0]) and records
+    with pytest.raises(UserError, match="absent.jsonl.gz: no such file"):
+        pipeline._read_hh([str(tmp_path / "absent.jsonl.gz")])

@@ -68,6 +68,23 @@ def test_corrupt_records_only_touches_trained_labelled_turns():
     assert r.conversations[1].label == "humor:1"  # the input is not modified
 
 
+def test_movable_attributes_alone_move():
+    rng = random.Random(3)
+    for mode in ("one", "each"):
+        for _ in range(200):
+            new = conditioning.corrupt_levels({"humor": 0, "verbosity": 2}, 3, rng, mode=mode, movable=["verbosity"])
+            assert new["humor"] == 0 and new["verbosity"] != 2  # every pair contrasts verbosity, humor stays true
+    with pytest.raises(ValueError):
+        conditioning.corrupt_levels({"humor": 0}, 3, rng, movable=["verbosity"])
+    # a turn whose label lacks every movable attribute gets no twin
+    only_humor = Record([Turn("User", "q"), Turn("Assistant", "a", "humor:1")])
+    both = Record([Turn("User", "q"), Turn("Assistant", "a", "humor:1,verbosity:3")])
+    none, twin = conditioning.corrupt_records([only_humor, both], SCHEMA, seed=1, movable=["verbosity"])
+    assert none is None and SCHEMA.parse(twin.conversations[1].label)["humor"] == 1
+    assert SCHEMA.parse(twin.conversations[1].label)["verbosity"] != 3
+    assert conditioning.ConditioningLossArgs(attributes=["verbosity,humor"]).attributes == ["verbosity", "humor"]
+
+
 def test_twin_rows_never_enter_the_nll_and_the_term_is_the_softplus_of_the_gap():
     model, tok = models.tiny_causal_lm()
     records = synthetic(3, seed=1)
@@ -149,7 +166,7 @@ def test_sft_logs_the_readout_and_the_discriminative_term(tmp_path):
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("disc_loss" in r for r in rows) and any("readout_humor_accuracy" in r for r in rows)
     meta = json.loads((out / "best" / "steerlm_model.json").read_text())
-    assert meta["conditioning_loss"] == {"weight": 1.0, "distance_power": 1.0, "corrupt": "one"}
+    assert meta["conditioning_loss"] == {"weight": 1.0, "distance_power": 1.0, "corrupt": "one", "attributes": []}
     # the command: any SteerLM model and a records file
     report = tmp_path / "readout.json"
     assert cli.run(["readout", f"--model={out / 'best'}", f"--data={data}", f"--out={report}", "--examples=3"]) == 0
@@ -159,6 +176,9 @@ def test_sft_logs_the_readout_and_the_discriminative_term(tmp_path):
     assert cli.run([*args[:3], f"--out={out0}", *args[4:], "--conditioning_loss.weight=0"]) == 0
     summary0 = json.loads((out0 / "summary.json").read_text())
     assert "answers with a corrupted twin (conditioning_loss)" not in summary0["steering"]
+    # the twins may move only attributes of the line
+    bad = cli.run([*args[:3], f"--out={tmp_path / 'bad'}", *args[4:], "--conditioning_loss.attributes=quality"])
+    assert bad == 2
 
 
 def test_readout_command_errors_are_located(tmp_path):

@@ -30,7 +30,7 @@ import math
 import random
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -64,8 +64,13 @@ class ConditioningLossArgs:
     """Which attributes of the label move: 'one' (drawn uniformly: every pair contrasts exactly one attribute) or
     'each' (every attribute independently with probability 1/2, at least one: with several attributes, each is
     contrasted in more of the pairs)."""
+    attributes: list[str] = field(default_factory=list)
+    """The attributes the corrupted lines move (the others keep their true levels); default: every attribute of the
+    label. Narrowing it puts every pair on the attributes that must steer generation: measured, verbosity steered
+    the answers' length only when every pair contrasted it (docs/steering.md)."""
 
     def __post_init__(self):
+        self.attributes = [n.strip() for item in self.attributes for n in item.split(",") if n.strip()]
         if self.corrupt not in CORRUPT_MODES:
             raise ValueError(f"corrupt must be one of {', '.join(CORRUPT_MODES)}, not {self.corrupt!r}")
         if not (self.weight >= 0 and math.isfinite(self.weight)):
@@ -186,13 +191,14 @@ def oversample_copies(records: list[Record], schema: AttributeSchema, max_copies
 
 
 def corrupt_levels(levels: dict[str, int], max_level: int, rng: random.Random, power: float = 1.0,
-                   mode: str = "one") -> dict[str, int]:  # fmt: skip
+                   mode: str = "one", movable: Sequence[str] = ()) -> dict[str, int]:  # fmt: skip
     """`levels` with attributes moved to other levels, each new level drawn with probability proportional to
     |new - old| ** power: one attribute drawn uniformly (`mode` 'one'), or every attribute with probability 1/2 and
-    at least one ('each'). Raises ValueError for an empty mapping or a schema with one level."""
-    if not levels or max_level < 1:
+    at least one ('each'); only those in `movable` when it is given. Raises ValueError when nothing can move (no
+    attribute, none of `movable` in `levels`, or a schema with one level)."""
+    names = sorted(n for n in levels if not movable or n in movable)
+    if not names or max_level < 1:
         raise ValueError("nothing to corrupt: no attribute, or only one level")
-    names = sorted(levels)
     if mode == "each":
         moved = [n for n in names if rng.random() < 0.5] or [rng.choice(names)]
     else:
@@ -205,10 +211,11 @@ def corrupt_levels(levels: dict[str, int], max_level: int, rng: random.Random, p
 
 
 def corrupt_records(records: Sequence[Record], schema: AttributeSchema, seed: int, power: float = 1.0,
-                    mode: str = "one") -> list[Record | None]:  # fmt: skip
+                    mode: str = "one", movable: Sequence[str] = ()) -> list[Record | None]:  # fmt: skip
     """For each record, a copy whose trained, labelled assistant turns each carry a corrupted attribute string
-    (`corrupt_levels`, seeded by `seed` and the record's position); None where no trained turn has a label (label
-    dropout, or unlabelled data) — such records get no discriminative term."""
+    (`corrupt_levels`, seeded by `seed` and the record's position; only `movable` attributes move when given); None
+    where no trained turn has a label among them (label dropout, or unlabelled data) — such records get no
+    discriminative term."""
     rng = random.Random(seed * 104_729 + 3)
     out: list[Record | None] = []
     for r in records:
@@ -216,8 +223,8 @@ def corrupt_records(records: Sequence[Record], schema: AttributeSchema, seed: in
         for j in trained_turns(r):
             label = r.conversations[j].label
             levels = schema.parse(label) if label else {}
-            if levels:
-                new[j] = schema.render(corrupt_levels(levels, schema.max_level, rng, power, mode))
+            if any(not movable or n in movable for n in levels):
+                new[j] = schema.render(corrupt_levels(levels, schema.max_level, rng, power, mode, movable))
         out.append(_copy(r, new) if new else None)
     return out
 

@@ -71,9 +71,11 @@ class Config:
     """`steerlm bootstrap` settings (num_prompts, sft, ...); `model`, `apm`, `data` and `out` are filled in."""
     run_bootstrap: bool = True
     """Run step 4; without it the check uses the step-3 model."""
-    hh_rlhf: list[str] = field(default_factory=list)
+    hh_rlhf: list[str | list[str]] = field(default_factory=list)
     """The paper's "+ HH-RLHF" row: HH-RLHF transcript files whose chosen and rejected answers the APM labels (as
-    `annotate` does) and that are added to the SFT training data; empty: the prepared data only."""
+    `annotate` does) and that are added to the SFT training data; empty: the prepared data only. Each entry is a
+    local .jsonl[.gz] file or `hub:ID` (e.g. hub:Anthropic/hh-rlhf), or a list of such candidates of which the first
+    that exists or loads is used (as `prepare.source`)."""
     hh_rlhf_max_pairs: int = 0
     """Use at most this many pairs of each `hh_rlhf` file (the first ones); 0 uses all."""
     check: CheckArgs = field(default_factory=CheckArgs)
@@ -132,7 +134,7 @@ def main(cfg: Config) -> dict:
         sft_data = out / "annotated_hh"
         hh_key = HHStage(cfg.hh_rlhf, cfg.hh_rlhf_max_pairs, to_dict(ann_cfg))
         results.append(run_stage("annotate-hh", sft_data, hh_key, lambda: add_hh_rlhf(cfg, apm_model, ann_dir, sft_data, ann_cfg),
-                                 inputs=[apm_dir, ann_dir, *cfg.hh_rlhf], metric=_annotate_metric))  # fmt: skip
+                                 inputs=[apm_dir, ann_dir, *_local_files(cfg.hh_rlhf)], metric=_annotate_metric))  # fmt: skip
 
     # 3. attribute-conditioned SFT
     sft_dir = out / "sft"
@@ -187,8 +189,8 @@ def add_hh_rlhf(cfg: Config, apm_model: str, ann_dir: Path, out: Path, ann_cfg) 
     apm = load_apm(apm_model)
     calibrate = ann_cfg.calibrate and bool(apm.calibration)
     added, stats = [], {}
-    for path in cfg.hh_rlhf:
-        records, invalid = annotate.read_input(path, "hh", skip_invalid=True)
+    for entry in cfg.hh_rlhf:
+        path, records, invalid = _read_hh(entry)
         if cfg.hh_rlhf_max_pairs:
             records = records[: 2 * cfg.hh_rlhf_max_pairs]  # each pair gives its chosen then its rejected record
         annotate.annotate_records(apm, records, ann_cfg.batch_size, ann_cfg.keep_gt, calibrate)
@@ -200,6 +202,29 @@ def add_hh_rlhf(cfg: Config, apm_model: str, ann_dir: Path, out: Path, ann_cfg) 
     write_records(out / "val.jsonl", read_records(ann_dir / "val.jsonl"))
     stats["train"] = {"records": len(train) + len(added), "hh_rlhf": len(added), "calibrated": calibrate}
     return stats
+
+
+def _local_files(entries: list[str | list[str]]) -> list[str]:
+    """The local files among `hh_rlhf`'s candidates (a changed file re-runs the stage)."""
+    flat = [c for e in entries for c in ([e] if isinstance(e, str) else e)]
+    return [c for c in flat if not c.startswith("hub:") and Path(c).is_file()]
+
+
+def _read_hh(entry: str | list[str]) -> tuple[str, list, int]:
+    """(source used, records, invalid lines skipped) of the first candidate of an `hh_rlhf` entry that exists (a
+    file) or loads (a hub id); a UserError listing every candidate's reason when none does."""
+    from steerlm import annotate
+
+    reasons = []
+    for source in [entry] if isinstance(entry, str) else entry:
+        if not source.startswith("hub:") and not Path(source).is_file():
+            reasons.append(f"{source}: no such file")
+            continue
+        try:
+            return (source, *annotate.read_input(source, "hh", skip_invalid=True))
+        except (UserError, OSError) as e:
+            reasons.append(f"{source}: {e}")
+    raise UserError("no candidate HH-RLHF source could be used:\n  " + "\n  ".join(reasons), field="hh_rlhf")
 
 
 def _apm_metric(r: dict) -> str:

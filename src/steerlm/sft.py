@@ -402,8 +402,14 @@ def run(cfg: Config) -> tuple[dict, torch.nn.Module]:
     # the discriminative term's twins: the same answers under an attribute line with one attribute moved
     weight = cfg.conditioning_loss.weight if schema is not None else 0.0
     if weight > 0:
+        movable = cfg.conditioning_loss.attributes
+        unknown = [n for n in movable if n not in schema.names]
+        if unknown:
+            raise UserError(f"{unknown[0]!r} is not in the attribute line ({', '.join(schema.names)})",
+                            field="conditioning_loss.attributes")  # fmt: skip
         twins = conditioning.corrupt_records([plan_records[i] for i in kept], schema, cfg.train.seed,
-                                             cfg.conditioning_loss.distance_power, cfg.conditioning_loss.corrupt)  # fmt: skip
+                                             cfg.conditioning_loss.distance_power, cfg.conditioning_loss.corrupt,
+                                             movable)  # fmt: skip
         for n, twin in enumerate(twins):
             alt = templates.encode(twin, tokenizer, style, cfg.train.max_length) if twin is not None else None
             train_examples[n] = conditioning.pair_example(train_examples[n], alt)

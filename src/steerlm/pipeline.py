@@ -38,6 +38,9 @@ class CheckArgs:
     """Longest answer."""
     temperature: float = 0.7
     """Sampling temperature of the check's answers."""
+    repetition_penalty: float = 1.0
+    """CTRL's repetition penalty of the check's and the demo's answers (1: none); a 135M model's long answers loop
+    without one."""
     seed: int = 7
     """Seed of prompt choice and sampling."""
     guidance_scale: float = 1.0
@@ -279,7 +282,8 @@ def run_check(model: str, apm_model: str, data_dir: Path, check: CheckArgs, out:
         for a, s in measurable:
             levels = [min(lv, top) for lv in check.levels_for.get(a, check.levels)] or [0, top]
             sampling = SamplingArgs(max_new_tokens=int(check.max_new_tokens_for.get(a, check.max_new_tokens)),
-                                    temperature=check.temperature, seed=check.seed, guidance_scale=scale)  # fmt: skip
+                                    temperature=check.temperature, seed=check.seed, guidance_scale=scale,
+                                    repetition_penalty=check.repetition_penalty)  # fmt: skip
             results.append(measure_attribute(generator, s, prompts, a, sorted(set(levels)), sampling, batch_size=16))
         return results
 
@@ -345,7 +349,7 @@ def demo(model: str, check: CheckArgs) -> None:
     settings = [{k: min(v, top) for k, v in s.items() if k in generator.schema.names} for s in check.demo_settings]
     prompt = Record([Turn("User", check.demo_prompt)])
     sampling = SamplingArgs(max_new_tokens=check.max_new_tokens, temperature=check.temperature, seed=check.seed,
-                            guidance_scale=check.guidance_scale)  # fmt: skip
+                            guidance_scale=check.guidance_scale, repetition_penalty=check.repetition_penalty)  # fmt: skip
     answers = generator.generate([prompt] * len(settings), settings, sampling)
     print(f"\nprompt: {check.demo_prompt}")
     for s, a in zip(settings, answers, strict=True):

@@ -443,7 +443,8 @@ def run(cfg: Config) -> tuple[dict, torch.nn.Module]:
         out_meta["label_dropout"] = cfg.label_dropout  # the unconditional prompt was trained (attribute guidance)
     if weight > 0:
         out_meta["conditioning_loss"] = {"weight": weight, "distance_power": cfg.conditioning_loss.distance_power,
-                                         "corrupt": cfg.conditioning_loss.corrupt}  # fmt: skip
+                                         "corrupt": cfg.conditioning_loss.corrupt,
+                                         "attributes": list(cfg.conditioning_loss.attributes)}  # fmt: skip
 
     def save_best(m, metrics: dict) -> None:
         models.save_model(m, tokenizer, out / BEST, META, out_meta)

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from steerlm import config as config_lib
 from steerlm.attributes import AttributeSchema, LengthBuckets, computed_from_dict, flip_levels, with_computed
 from steerlm.data import templates
 from steerlm.data.collate import collate_packed, example_sums, model_inputs, pad
@@ -70,7 +71,7 @@ class ConditioningLossArgs:
     the answers' length only when every pair contrasted it (docs/steering.md)."""
 
     def __post_init__(self):
-        self.attributes = [n.strip() for item in self.attributes for n in item.split(",") if n.strip()]
+        self.attributes = config_lib.split_names(self.attributes)
         if self.corrupt not in CORRUPT_MODES:
             raise ValueError(f"corrupt must be one of {', '.join(CORRUPT_MODES)}, not {self.corrupt!r}")
         if not (self.weight >= 0 and math.isfinite(self.weight)):

@@ -142,6 +142,12 @@ def unless_auto(value: str) -> str | None:
 # ---------------------------------------------------------------- building dataclasses from plain values
 
 
+def split_names(items) -> list[str]:
+    """Names from a list whose items may themselves be comma-joined (`[quality, "humor,verbosity"]` from YAML, or
+    the command line's `--x=a,b`), stripped, empty ones dropped, order kept."""
+    return [n.strip() for item in items for n in str(item).split(",") if n.strip()]
+
+
 def _type_name(tp) -> str:
     if get_origin(tp) is not None:
         return str(tp).replace("typing.", "")

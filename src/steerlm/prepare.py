@@ -90,7 +90,7 @@ class Config:
             raise ValueError(f"val_fraction must be in [0, 1), not {self.val_fraction}")
         if self.max_trees < 0:
             raise ValueError(f"max_trees must be >= 0, not {self.max_trees}")
-        self.computed = [n.strip() for item in self.computed for n in item.split(",") if n.strip()]
+        self.computed = config_lib.split_names(self.computed)
         unknown = [n for n in self.computed if n not in COMPUTED]
         if unknown:
             raise ValueError(f"unknown computed attribute {unknown[0]!r}; known: {', '.join(COMPUTED)}")

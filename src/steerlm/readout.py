@@ -21,6 +21,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from steerlm import conditioning
+from steerlm import config as config_lib
 from steerlm.data.records import VAL_NAMES, read_records
 from steerlm.errors import UserError
 from steerlm.io import write_json
@@ -46,7 +47,7 @@ class Config:
     """Count and skip malformed records instead of stopping at the first."""
 
     def __post_init__(self):
-        self.attributes = [n.strip() for item in self.attributes for n in item.split(",") if n.strip()]
+        self.attributes = config_lib.split_names(self.attributes)
         if self.examples < 0:
             raise ValueError(f"examples must be >= 0, not {self.examples}")
         if self.max_length < 8 or self.batch_size < 1:

@@ -124,7 +124,7 @@ class Config:
     """Optimisation (SteerLM paper, full fine-tuning: lr 5e-6, weight decay 1e-2, 5 epochs; LoRA wants ~1e-4)."""
 
     def __post_init__(self):
-        self.attributes = [n.strip() for item in self.attributes for n in item.split(",") if n.strip()]
+        self.attributes = config_lib.split_names(self.attributes)
         if self.template not in ("auto",) + templates.STYLES:
             raise ValueError(f"template must be 'auto', 'chat' or 'nemo', not {self.template!r}")
         if self.conditioning not in ("attributes", "none"):
@@ -137,7 +137,7 @@ class Config:
             raise ValueError(f"min_quality must be >= 0, or -1 to keep every level, not {self.min_quality}")
         if self.conditioning == "none" and self.attributes:
             raise ValueError("attributes are meaningless with conditioning 'none'")
-        self.computed = [n.strip() for item in self.computed for n in item.split(",") if n.strip()]
+        self.computed = config_lib.split_names(self.computed)
         unknown = [n for n in self.computed if n not in COMPUTED]
         if unknown:
             raise ValueError(f"unknown computed attribute {unknown[0]!r}; known: {', '.join(COMPUTED)}")

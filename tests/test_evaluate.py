@@ -19,6 +19,7 @@ from steerlm import cli, evaluate, models
 from steerlm import config as config_lib
 from steerlm.attributes import AttributeSchema
 from steerlm.errors import UserError
+from steerlm.evaluation import cache, judging, planning, statistics
 
 SCHEMA = AttributeSchema(("quality", "toxicity", "humor", "creativity"), 10)
 STAR = "★"
@@ -62,7 +63,7 @@ class CountingAPM:
         return [{a: float(r.conversations[-1].value.count(f"<{a}>")) for a in SCHEMA.names} for r in records]
 
 
-class StarJudge(evaluate.ScoreJudge):
+class StarJudge(judging.ScoreJudge):
     """Scores an answer by its stars (+1, like the APM judge's levels + 1)."""
 
     def __init__(self):
@@ -236,14 +237,13 @@ def test_interrupted_run_resumes_and_retrained_model_is_regenerated(tmp_path):
     gens["mid"].generate = fails_on_third_chunk
     with pytest.raises(Interrupt):
         evaluate.main(cfg, loaders)
-    cache = evaluate.Cache(tmp_path / "eval" / "cache" / "generations.jsonl")
-    before = len(cache.rows)
+    before = len(cache.Cache(tmp_path / "eval" / "cache" / "generations.jsonl").rows)
     assert before > 0
     gens["mid"].generate = real
     for g in gens.values():
         g.calls = 0
     evaluate.main(cfg, loaders)
-    total = len(evaluate.Cache(tmp_path / "eval" / "cache" / "generations.jsonl").rows)
+    total = len(cache.Cache(tmp_path / "eval" / "cache" / "generations.jsonl").rows)
     # per model and steered prompt 16 settings, of which quality=9 and toxicity/humor/creativity=0 are all the
     # defaults (one answer); the 10 quality answers are at the defaults too, 4 of them on the steered prompts
     assert total == 3 * (4 * 13 + 10 - 4)
@@ -252,7 +252,7 @@ def test_interrupted_run_resumes_and_retrained_model_is_regenerated(tmp_path):
     path = tmp_path / "eval" / "cache" / "generations.jsonl"
     with open(path, "a", encoding="utf-8") as f:
         f.write('{"key": "abc", "answ')
-    assert len(evaluate.Cache(path).rows) == total
+    assert len(cache.Cache(path).rows) == total
     assert path.read_text().endswith("}\n")
     # a retrained model (its files changed) is answered again; the others come from the cache
     (tmp_path / "models" / "weak" / "steerlm_model.json").write_text(
@@ -374,11 +374,11 @@ def test_per_model_sampling_is_part_of_the_cache_key(tmp_path):
     ]})  # fmt: skip
     assert cfg.sampling_for("hot").temperature == 1.3 and cfg.sampling_for("plain").temperature == 0.7
     assert cfg.sampling_for("hot").seed == cfg.sampling.seed  # the rest comes from the global settings
-    prompt = evaluate.Prompt("p", 0, "hi", "hi", "pid", "hi")
-    keys = {evaluate.generation_key(cfg, m, prompt, {"humor": 1}) for m in cfg.models}
+    prompt = planning.Prompt("p", 0, "hi", "hi", "pid", "hi")
+    keys = {planning.generation_key(cfg, m, prompt, {"humor": 1}) for m in cfg.models}
     assert len(keys) == 2
     # settings at SamplingArgs' defaults are left out of the key: a setting added later keeps cached answers valid
-    assert evaluate.sampling_key(cfg.sampling_for("hot")) == {"max_new_tokens": 128, "temperature": 1.3, "seed": 7}
+    assert planning.sampling_key(cfg.sampling_for("hot")) == {"max_new_tokens": 128, "temperature": 1.3, "seed": 7}
     with pytest.raises(UserError, match="model bad: sampling"):
         config_lib.build(evaluate.Config, {**base, "models": [{"name": "bad", "path": "p", "sampling": {"nope": 1}}]})
 
@@ -390,12 +390,12 @@ def test_bradley_terry_recovers_known_strengths():
     p = np.array([4.0, 2.0, 1.0, 0.5])
     expected = 100 * p[:, None] / (p[:, None] + p[None, :])
     np.fill_diagonal(expected, 0)
-    fitted = evaluate.bradley_terry(expected, prior=0.0)
+    fitted = statistics.bradley_terry(expected, prior=0.0)
     assert fitted / fitted[-1] == pytest.approx(p / p[-1], rel=1e-6)
-    elo = evaluate.elo_from_strengths(fitted)
+    elo = statistics.elo_from_strengths(fitted)
     assert elo[0] - elo[1] == pytest.approx(400 * np.log10(2), rel=1e-6)
     # an unbeaten model stays finite thanks to the virtual tie
-    assert np.isfinite(evaluate.bradley_terry(np.array([[0.0, 5.0], [0.0, 0.0]]))).all()
+    assert np.isfinite(statistics.bradley_terry(np.array([[0.0, 5.0], [0.0, 0.0]]))).all()
 
 
 def test_bootstrap_ci_covers_the_truth_at_the_nominal_rate():
@@ -403,29 +403,29 @@ def test_bootstrap_ci_covers_the_truth_at_the_nominal_rate():
     covered = 0
     for trial in range(200):
         sample = (rng.random(100) < 0.3).astype(float)
-        lo, hi = evaluate.bootstrap_ci(sample, np.mean, 300, 0.9, seed=trial)
+        lo, hi = statistics.bootstrap_ci(sample, np.mean, 300, 0.9, seed=trial)
         covered += lo <= 0.3 <= hi
     assert 0.82 <= covered / 200 <= 0.97
-    assert evaluate.bootstrap_ci(np.array([1.0]), np.mean, 100, 0.95, 0) is None
-    assert evaluate.bootstrap_ci(np.ones(5), np.mean, 100, 0.95, 0) == (1.0, 1.0)
+    assert statistics.bootstrap_ci(np.array([1.0]), np.mean, 100, 0.95, 0) is None
+    assert statistics.bootstrap_ci(np.ones(5), np.mean, 100, 0.95, 0) == (1.0, 1.0)
 
 
 def test_outcome_and_default_levels():
-    assert evaluate.outcome(2.0, 1.0) == 1.0 and evaluate.outcome(1.0, 2.0) == 0.0 and evaluate.outcome(1, 1) == 0.5
-    assert evaluate.outcome(1.05, 1.0, margin=0.1) == 0.5
-    assert evaluate.default_levels(10) == [0, 3, 6, 9] and evaluate.default_levels(5) == [0, 1, 3, 4]
+    assert statistics.outcome(2.0, 1.0) == 1.0 and statistics.outcome(1.0, 2.0) == 0.0
+    assert statistics.outcome(1, 1) == 0.5 and statistics.outcome(1.05, 1.0, margin=0.1) == 0.5
+    assert planning.default_levels(10) == [0, 3, 6, 9] and planning.default_levels(5) == [0, 1, 3, 4]
 
 
 @pytest.mark.parametrize("reply, scores", [("8 7\nAssistant 1 is better.", (8.0, 7.0)), ("\n 6.5   9 \n", (6.5, 9.0)),
                                            ("10 1", (10.0, 1.0))])  # fmt: skip
 def test_parse_verdict_accepts_the_asked_format(reply, scores):
-    assert evaluate.parse_verdict(reply) == scores
+    assert judging.parse_verdict(reply) == scores
 
 
 @pytest.mark.parametrize("reply", ["8,7", "Scores: 8 7", "8 7 6", "11 3", "0 5", "", "Assistant 1 is better\n8 7"])
 def test_parse_verdict_rejects_anything_else(reply):
     with pytest.raises(ValueError):
-        evaluate.parse_verdict(reply)
+        judging.parse_verdict(reply)
 
 
 # ---------------------------------------------------------------- the OpenAI-compatible judge
@@ -492,7 +492,7 @@ def test_openai_judge_needs_its_key(monkeypatch):
     monkeypatch.delenv("NO_SUCH_KEY", raising=False)
     args = evaluate.JudgeArgs(kind="openai", base_url="http://x/v1", model="m", api_key_env="NO_SUCH_KEY")
     with pytest.raises(UserError, match="NO_SUCH_KEY"):
-        evaluate.load_judge(args)
+        judging.load_judge(args)
 
 
 # ---------------------------------------------------------------- configs and presets

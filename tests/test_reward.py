@@ -282,7 +282,7 @@ def test_train_rm_refuses_when_no_comparison_is_left_after_tokenization(tmp_path
 def test_answers_that_read_the_same_to_the_reward_model_tie_exactly(tmp_path):
     # Evaluation pairs judged by a reward model (steerlm evaluate): two answers whose tokens, after the scorer's
     # truncation, are the same must tie, whatever else shares their batches.
-    from steerlm.evaluate import outcome
+    from steerlm.evaluation.statistics import outcome
 
     out = tmp_path / "rm"
     reward.main(reward.Config(data=[yes_no_pairs(tmp_path / "p.jsonl")], out=str(out), model="tiny-encoder",

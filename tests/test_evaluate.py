@@ -514,6 +514,13 @@ def test_config_errors_name_the_setting(tmp_path):
         evaluate.main(config_lib.build(evaluate.Config, {**base, "quality": {"judge": judge}}))
 
 
+def test_help_lists_the_settings(capsys):
+    # The defaults (an rm judge without a path) must construct for the help to show them.
+    assert cli.run(["evaluate", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--quality.judge.kind  (Literal['rm', 'apm', 'openai'] = 'rm')" in out and "--report.max_chars" in out
+
+
 @pytest.mark.parametrize("preset", ["tiny", "quickstart", "ablation"])
 def test_presets_load(preset):
     cfg = config_lib.load(evaluate.Config, preset=preset, command="evaluate")

@@ -177,11 +177,6 @@ class QualityArgs:
     def __post_init__(self):
         if self.num_prompts < 0 or self.bootstrap < 0:
             raise ValueError("num_prompts and bootstrap must be >= 0")
-        if self.enabled and self.judge.kind in ("rm", "apm") and not self.judge.path:
-            raise ValueError(f"the quality judge (kind {self.judge.kind}) needs quality.judge.path, a reward-model or "
-                             "APM folder (or use kind: openai, or quality.enabled: false)")  # fmt: skip
-        if self.enabled and self.judge.kind == "openai" and not (self.judge.base_url and self.judge.model):
-            raise ValueError("an openai judge needs quality.judge.base_url and quality.judge.model")
         if not 0.5 <= self.confidence < 1:
             raise ValueError(f"confidence must be in [0.5, 1), not {self.confidence}")
         for pair in self.pairs:
@@ -256,6 +251,14 @@ class Config:
             raise ValueError(f"prompt set names repeat: {sets}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, not {self.batch_size}")
+        # Checked here, not in QualityArgs: its defaults (an rm judge without a path) must construct, since
+        # `steerlm evaluate --help` shows them.
+        j = self.quality.judge
+        if self.quality.enabled and j.kind in ("rm", "apm") and not j.path:
+            raise ValueError(f"the quality judge (kind {j.kind}) needs quality.judge.path, a reward-model or APM "
+                             "folder (or use kind: openai, or quality.enabled: false)")  # fmt: skip
+        if self.quality.enabled and j.kind == "openai" and not (j.base_url and j.model):
+            raise ValueError("an openai judge needs quality.judge.base_url and quality.judge.model")
         for m in self.models:
             try:
                 self.sampling_for(m.name)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from steerlm import annotate, apm, models
+from steerlm import annotate, apm, heads, models
 from steerlm.attributes import AttributeSchema
 
 DEFAULT_INPUT = (
@@ -30,7 +30,7 @@ def untrained_apm(backbone_name: str) -> apm.APM:
     """A regression APM on `backbone_name` with a random head: the same computation as a trained one."""
     backbone, tokenizer = models.load_encoder(backbone_name)
     schema = AttributeSchema("steerable")
-    model = apm.RegressionAPM(backbone, len(schema.names), "mean").to(models.device())
+    model = heads.HeadModel(backbone, len(schema.names), "mean").to(models.device())
     meta = {"kind": "regression", "attributes": schema.to_dict(), "backbone": "encoder", "pooling": "mean",
             "max_length": 512}  # fmt: skip
     return apm.APM(model.eval(), tokenizer, meta)

@@ -33,12 +33,12 @@ def tiny_apm(folder: Path) -> Path:
     """An untrained regression APM on the tiny encoder, saved as `steerlm train-apm` saves one."""
     from safetensors.torch import save_file
 
-    from steerlm import apm
+    from steerlm import apm, heads
 
     backbone, tokenizer = models.tiny_encoder(0)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        head = apm.RegressionAPM(backbone, len(ATTRIBUTES["names"]), "mean").head
+        head = heads.HeadModel(backbone, len(ATTRIBUTES["names"]), "mean").head
     meta = {"kind": "regression", "attributes": ATTRIBUTES, "template": None, "backbone": "encoder",
             "pooling": "mean", "max_length": 128, "base_model": "tiny-encoder", "lora": False, "head": apm.HEAD}  # fmt: skip
     models.save_model(backbone, tokenizer, folder, apm.META, meta)

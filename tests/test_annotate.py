@@ -198,5 +198,5 @@ def test_pipeline_adds_apm_labelled_hh_rlhf_to_the_sft_data(shared_data, tmp_pat
     cfg = config_lib.build(pipeline.Config, {"hh_rlhf": [[str(tmp_path / "absent.jsonl.gz"), str(hh_files[0])]]})
     used, records, _ = pipeline._read_hh(cfg.hh_rlhf[0])
     assert used == str(hh_files[0]) and records
-    with pytest.raises(UserError, match="absent.jsonl.gz: no such file"):
+    with pytest.raises(UserError, match="absent.jsonl.gz: does not exist"):
         pipeline._read_hh([str(tmp_path / "absent.jsonl.gz")])

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from steerlm import apm, apm_eval, cli, metrics, models, train
+from steerlm import apm, apm_eval, cli, heads, metrics, models, train
 from steerlm import config as config_lib
 from steerlm.attributes import AttributeSchema
 from steerlm.data.records import Record, Turn, read_records, write_records
@@ -199,7 +199,7 @@ def test_masked_mse_ignores_missing_labels():
 def test_plain_text_is_truncated_from_the_left_and_the_response_is_pooled():
     _, tokenizer = models.tiny_encoder(0)
     turns = [Turn("User", "a long question " * 50), Turn("Assistant", "The answer is Paris.")]
-    text = apm.plain_text(turns)
+    text = heads.plain_text(turns)
     assert text.startswith("User: a long") and text.endswith("\n\nAssistant: The answer is Paris.")
     ids, masks, types, lengths = apm.regression_inputs([apm.Example("", turns)], "encoder", tokenizer, 16)
     assert types is None and lengths is None  # plain input: no segments, the length is what the input holds
@@ -309,7 +309,7 @@ def test_regression_apm_is_a_standard_sequence_classification_folder(data_dir, t
     meta = json.loads((best / apm.META).read_text())
     assert config["architectures"] == ["BertForSequenceClassification"] and config["problem_type"] == "regression"
     assert [config["id2label"][str(i)] for i in range(len(config["id2label"]))] == meta["attributes"]["names"]
-    assert meta["layout"] == apm.SEQ_CLS and not (best / apm.HEAD).exists()
+    assert meta["layout"] == heads.SEQ_CLS and not (best / apm.HEAD).exists()
     # the calibration map is stored beside, for annotate
     assert set(meta["calibration"]["attributes"]) <= set(meta["attributes"]["names"])
 
@@ -320,7 +320,7 @@ def test_regression_apm_is_a_standard_sequence_classification_folder(data_dir, t
     pairs = [("What is the capital of France?", "Paris."), ("Tell me a joke.", "Why did the chicken cross the road?")]
     ours = loaded.predict(pairs)
     # the context is plain_text of the turns before the response
-    contexts = [apm.plain_text([Turn("User", p)]) for p, _ in pairs]
+    contexts = [heads.plain_text([Turn("User", p)]) for p, _ in pairs]
     enc = tok(contexts, [r for _, r in pairs], padding=True, return_token_type_ids=True, return_tensors="pt")
     ids, _, types, _ = apm.pair_inputs([apm.as_example(p) for p in pairs], loaded.tokenizer, 512, 200)
     for i in range(len(pairs)):
@@ -354,7 +354,7 @@ def test_old_layout_folder_still_loads(tmp_path):
     loaded = apm.load_apm(folder)
     pair = ("Explain tides.", "The moon's gravity pulls the oceans.")
     pred = loaded.predict([pair])[0]
-    enc = tok(apm.plain_text(apm.as_example(pair).turns), return_tensors="pt", truncation=True, max_length=64)
+    enc = tok(heads.plain_text(apm.as_example(pair).turns), return_tensors="pt", truncation=True, max_length=64)
     with torch.no_grad():
         hidden = backbone(**enc).last_hidden_state
         expected = (head(hidden.mean(1)) * 9).clamp(0, 9)[0].tolist()
@@ -392,7 +392,7 @@ def test_length_input_starts_at_the_least_squares_length_fit():
     rows = [{"response_length": n, "target": [q, 5.0], "present": [1.0, float(i % 2)]}
             for i, (n, q) in enumerate([(10, 2.0), (40, 4.0), (100, 6.0), (300, 7.0), (20, 3.0), (200, 8.0)])]  # fmt: skip
     slope, intercept = apm.length_fit(rows)
-    x = apm.length_input(torch.tensor([float(r["response_length"]) for r in rows])).numpy()
+    x = heads.length_input(torch.tensor([float(r["response_length"]) for r in rows])).numpy()
     expected = np.polyfit(x, [r["target"][0] for r in rows], 1)
     assert [slope[0].item(), intercept[0].item()] == pytest.approx(list(expected), rel=1e-4)
     # a constant label: no slope, the mean (only the rows that carry it count)

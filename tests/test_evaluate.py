@@ -534,10 +534,11 @@ def test_presets_load(preset):
 def _tiny_apm_folder(folder: Path) -> None:
     from safetensors.torch import save_file
 
-    from steerlm.apm import HEAD, RegressionAPM
+    from steerlm.apm import HEAD
+    from steerlm.heads import HeadModel
 
     encoder, tokenizer = models.tiny_encoder(seed=3)
-    head = RegressionAPM(encoder, len(SCHEMA.names), "mean").head
+    head = HeadModel(encoder, len(SCHEMA.names), "mean").head
     meta = {"kind": "regression", "attributes": SCHEMA.to_dict(), "backbone": "encoder", "pooling": "mean",
             "max_length": 64, "head": HEAD}  # fmt: skip
     models.save_model(encoder, tokenizer, folder, "steerlm_apm.json", meta)
@@ -547,10 +548,11 @@ def _tiny_apm_folder(folder: Path) -> None:
 def _tiny_rm_folder(folder: Path) -> None:
     from safetensors.torch import save_file
 
-    from steerlm.reward import HEAD, RewardModel
+    from steerlm.heads import HeadModel
+    from steerlm.reward import HEAD
 
     encoder, tokenizer = models.tiny_encoder(seed=4)
-    head = RewardModel(encoder, "mean").head
+    head = HeadModel(encoder, 1, "mean").head
     meta = {"backbone": "encoder", "pooling": "mean", "max_length": 64, "head": HEAD}
     models.save_model(encoder, tokenizer, folder, "steerlm_rm.json", meta)
     save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(folder / HEAD))

@@ -124,6 +124,41 @@ def test_candidate_sources_first_usable_wins(tmp_path, capsys, monkeypatch):
         prepare.main(cfg)
 
 
+def test_first_usable_candidate_names_every_reason(tmp_path):
+    from steerlm.data import formats, oasst
+
+    present = tmp_path / "present.jsonl"
+    present.write_text("{}\n")
+    tried = []
+
+    def load(source):
+        tried.append(source)
+        if source.startswith("hub:"):
+            raise oasst.HubUnavailable("cannot load: offline", field="source")
+        if source.endswith("bad.jsonl"):
+            raise UserError("malformed", file=source, line=3)
+        return "loaded"
+
+    absent = str(tmp_path / "absent.jsonl")
+    assert formats.first_usable([absent, "hub:X/y", str(present)], load, what="source", field="source") == (
+        str(present), "loaded")  # fmt: skip
+    assert tried == ["hub:X/y", str(present)]  # a missing file is not loaded
+    with pytest.raises(UserError, match=r"^source: .*absent.jsonl: does not exist$"):
+        formats.first_usable([absent], load, what="source", field="source")
+    with pytest.raises(UserError, match=r"(?s)no candidate source could be used:.*absent.jsonl: does not exist.*"
+                                        r"hub:X/y: cannot load: offline"):  # fmt: skip
+        formats.first_usable([absent, "hub:X/y"], load, what="source", field="source")
+    # only the given errors give way to the next candidate: by default a malformed local file stops the run
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{}\n")
+    with pytest.raises(UserError, match="bad.jsonl:3: malformed"):
+        formats.first_usable([str(bad), str(present)], load, what="source", field="source")
+    assert (
+        formats.first_usable([str(bad), str(present)], load, what="source", field="f", errors=(UserError,))[1]
+        == "loaded"
+    )
+
+
 @needs_data
 def test_hh_and_records_formats(tmp_path, capsys):
     code, _, err = run_prepare(capsys, f"--source={HH}", f"--out={tmp_path / 'hh'}")

@@ -10,9 +10,10 @@ from collections import Counter
 import pytest
 import torch
 
-from steerlm import cli, config, reward
+from steerlm import cli, config, heads, reward
 from steerlm.data import hh, invariants, preferences
 from steerlm.data.records import ASSISTANT, USER, Record, Turn, write_records
+from steerlm.errors import UserError
 from steerlm.losses import pairwise_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread", "private_cache")
@@ -191,6 +192,105 @@ def test_causal_backbone_with_lora(tmp_path):
     assert len(scores) == 2 and all(math.isfinite(s) for s in scores)
 
 
+# ---------------------------------------------------------------- the folder: a standard transformers checkpoint
+
+PAIRS = [("Can you help me?", "Yes, thank you, here is the answer."), ("Hi", "No."),
+         ("What is the capital of France? Tell me more about it.", "The capital of France is Paris.")]  # fmt: skip
+
+
+def _transformers_scores(folder, backbone: str, side: str) -> list[float]:
+    """The scores of PAIRS from transformers alone: the folder's tokenizer on the reward model's text (the plain
+    conversation, + EOS on a causal backbone), padded on `side`, through AutoModelForSequenceClassification."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    seq = AutoModelForSequenceClassification.from_pretrained(str(folder)).eval()
+    tok = AutoTokenizer.from_pretrained(str(folder), padding_side=side)
+    eos = tok.eos_token if backbone == "causal" else ""
+    texts = [f"User: {p}\n\nAssistant: {r}{eos}" for p, r in PAIRS]
+    with torch.no_grad():
+        logits = seq(**tok(texts, padding=True, return_tensors="pt")).logits
+    assert logits.shape == (len(PAIRS), 1) and seq.config.id2label == {0: reward.LABEL}
+    return logits[:, 0].tolist()
+
+
+def test_a_causal_reward_model_is_a_standard_sequence_classification_folder(tmp_path):
+    from steerlm import models
+
+    # a base whose tokenizer pads with EOS, as SmolLM2's does: the reward model pads with another token, else
+    # transformers' last-non-pad read-out would skip the final EOS the score is read at
+    lm, tok = models.tiny_causal_lm(1)
+    tok.pad_token = tok.eos_token
+    models.save_model(lm, tok, tmp_path / "base")
+    out = tmp_path / "rm"
+    data, val = synthetic(tmp_path / "train.jsonl", 8, 0), synthetic(tmp_path / "val.jsonl", 2, 1)
+    reward.main(reward.Config(data=[data], val_data=[val], out=str(out), model=str(tmp_path / "base"),
+                              train=reward.RMTrainArgs(max_steps=2, lr=1e-3, batch_size=4, max_length=48)))  # fmt: skip
+    meta = json.loads((out / reward.META).read_text())
+    config_json = json.loads((out / "config.json").read_text())
+    assert meta["layout"] == heads.SEQ_CLS and meta["pooling"] == "last" and not (out / reward.HEAD).exists()
+    assert config_json["architectures"] == ["LlamaForSequenceClassification"] and len(config_json["id2label"]) == 1
+    rm = reward.load_rm(out)
+    assert rm.tokenizer.pad_token == tok.unk_token and config_json["pad_token_id"] == rm.tokenizer.pad_token_id
+    ours = rm.score(PAIRS)
+    assert len(set(ours)) == len(PAIRS)
+    for side in ("right", "left"):
+        assert _transformers_scores(out, "causal", side) == pytest.approx(ours, abs=1e-5)
+
+
+def test_an_encoder_read_through_its_pooler_is_a_standard_folder_and_mean_pooling_is_not(tmp_path):
+    data, val = synthetic(tmp_path / "train.jsonl", 8, 0), synthetic(tmp_path / "val.jsonl", 2, 1)
+    train = reward.RMTrainArgs(max_steps=2, lr=1e-3, batch_size=4, max_length=48)
+    for pooling in ("cls", "mean"):
+        out = tmp_path / pooling
+        reward.main(reward.Config(data=[data], val_data=[val], out=str(out), model="tiny-encoder", pooling=pooling,
+                                  train=train))  # fmt: skip
+        meta = json.loads((out / reward.META).read_text())
+        if pooling == "mean":  # no transformers class mean-pools: the backbone + head layout
+            assert "layout" not in meta and meta["head"] == reward.HEAD and (out / reward.HEAD).exists()
+            continue
+        assert meta["layout"] == heads.SEQ_CLS
+        assert json.loads((out / "config.json").read_text())["architectures"] == ["BertForSequenceClassification"]
+        ours = reward.load_rm(out).score(PAIRS)
+        assert _transformers_scores(out, "encoder", "right") == pytest.approx(ours, abs=1e-5)
+    with pytest.raises(UserError, match="no pooler"):
+        reward.main(reward.Config(data=[data], val_data=[val], out=str(tmp_path / "x"), model="tiny-lm",
+                                  pooling="cls", train=train))  # fmt: skip
+
+
+def test_a_folder_written_the_old_way_still_loads(tmp_path):
+    """Before the standard layout: the bare backbone, `reward_head.safetensors` with a bias, no `layout`."""
+    from safetensors.torch import save_file
+
+    from steerlm import models
+
+    backbone, tok = models.tiny_encoder(2)
+    head = torch.nn.Linear(backbone.config.hidden_size, 1)
+    torch.manual_seed(0)
+    torch.nn.init.normal_(head.weight, std=0.5)
+    torch.nn.init.constant_(head.bias, 0.75)
+    meta = {"kind": "reward", "backbone": "encoder", "pooling": "mean", "max_length": 64, "base_model": "tiny-encoder",
+            "lora": False, "text_format": "plain-v1", "head": reward.HEAD}  # fmt: skip
+    models.save_model(backbone, tok, tmp_path / "old", reward.META, meta)
+    save_file({k: v.detach().contiguous() for k, v in head.state_dict().items()}, str(tmp_path / "old" / reward.HEAD))
+
+    ours = reward.load_rm(tmp_path / "old").score(PAIRS[:1])[0]
+    enc = tok(f"User: {PAIRS[0][0]}\n\nAssistant: {PAIRS[0][1]}", return_tensors="pt")
+    with torch.no_grad():
+        expected = float(head(backbone(**enc).last_hidden_state.mean(1))[0, 0])
+    assert ours == pytest.approx(expected, abs=1e-5)
+
+
+def test_a_tokenizer_with_nothing_but_eos_to_pad_with_gets_a_pad_token():
+    from steerlm import models
+
+    lm, tok = models.tiny_causal_lm()
+    backbone = lm.model
+    tok.pad_token = tok.unk_token = tok.bos_token = tok.eos_token  # as GPT-2's: one token for all four
+    heads.pad_apart_from_eos(tok, backbone)
+    assert tok.pad_token == heads.PAD and tok.pad_token_id != tok.eos_token_id
+    assert backbone.get_input_embeddings().num_embeddings == len(tok)  # grown when the token is new
+
+
 # ---------------------------------------------------------------- tokens that no longer compare anything (issue #15)
 
 SHARED_ENDING = " ".join(f"word{i % 7} and more text {i}." for i in range(12))  # 60 words
@@ -228,7 +328,7 @@ def test_truncation_keeps_the_answers_and_cuts_the_shared_context_first(tmp_path
         assert "Yes." in text_c and "No." in text_r and "Is it ok" not in text_c
     # an ordinary pair that fits is tokenized exactly as before
     text = reward.rm_text(comps[3].conversation(0).conversations, "encoder", tok)
-    assert rows[3]["input_ids"][0] == reward.tokenize([text], tok, 32)[0]
+    assert rows[3]["input_ids"][0] == heads.tokenize_left(tok, [text], 32)[0]
 
 
 def test_pairs_identical_after_tokenization_are_dropped_and_counted(tmp_path):
@@ -292,3 +392,18 @@ def test_answers_that_read_the_same_to_the_reward_model_tie_exactly(tmp_path):
     others = [("Hi", "x " * n) for n in range(1, 12)]
     scores = rm.score([("Is it ok?", a), *others, ("Is it ok?", b)], batch_size=3)
     assert scores[0] == scores[-1] and outcome(scores[0], scores[-1]) == 0.5
+
+
+def test_the_reward_and_apm_stages_do_not_import_each_other():
+    """What they share (the model, its text and folder layouts) lives in `heads`, a shared module."""
+    import ast
+    import inspect
+
+    from steerlm import apm
+
+    for module, other in ((reward, "steerlm.apm"), (apm, "steerlm.reward")):
+        tree = ast.parse(inspect.getsource(module))
+        imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        imported |= {f"{n.module}.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
+        assert other not in imported and "steerlm.heads" in imported

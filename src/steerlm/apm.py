@@ -8,7 +8,7 @@ Every labelled assistant turn of the training records is one example: the conver
 response, with its human levels as targets. Two kinds:
 - `regression`: a backbone (an encoder, mean-pooled, or a causal LM read at its last token) plus one linear output
   per attribute, trained with a masked MSE over the labels present (a missing label is masked, never filled).
-  Input is the conversation as plain text (`plain_text`), truncated from the left so the response is kept.
+  Input is the conversation as plain text (`heads.plain_text`), truncated from the left so the response is kept.
 - `generative`: the causal LM learns the attribute string of TEXT_TO_VALUE records (SPEC §3, masks §4) and
   predicts by greedy decoding; a string that fails strict parsing is counted, never repaired.
 
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-import json
 import os
 import shutil
 import sys
@@ -31,17 +30,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import AutoModelForSequenceClassification
 
+from steerlm import conditioning, heads, metrics, models, train
 from steerlm import config as config_lib
-from steerlm import metrics, models, train
 from steerlm.attributes import HELPSTEER, NAMED_SETS, OASST_LABELS, STEERABLE, AttributeSchema, word_count
 from steerlm.config import TrainArgs
 from steerlm.data import templates
-from steerlm.data.collate import collate_packed, model_inputs, pad
+from steerlm.data.collate import collate_lm, collate_packed, pad
 from steerlm.data.records import ASSISTANT, DEFAULT_SYSTEM, TEXT_TO_VALUE, Record, Turn, data_levels, record_from_json
 from steerlm.errors import UserError
 from steerlm.io import read_jsonl, write_json
@@ -49,14 +46,11 @@ from steerlm.io import read_jsonl, write_json
 META = "steerlm_apm.json"
 #: The model folder inside a train-apm output folder (beside config.yaml, metrics.jsonl and the checkpoint).
 BEST = "best"
+#: The regression head's file in the backbone + head layout (`heads.save`).
 HEAD = "apm_head.safetensors"
-#: `layout` of a regression APM saved as a standard `AutoModelForSequenceClassification` folder.
-SEQ_CLS = "sequence-classification"
 #: Fewest held-out predictions a calibration map is made from (fewer leave that attribute rounded).
 MIN_REFERENCE = 5
 KNOWN_ATTRIBUTES = tuple(dict.fromkeys(STEERABLE + OASST_LABELS + HELPSTEER))
-#: Version tag of `plain_text` stored in the folder, so a changed rendering cannot silently mismatch old models.
-TEXT_FORMAT = "plain-v1"
 
 
 @dataclass
@@ -101,7 +95,7 @@ class Config:
     LMs (docs/apm.md)."""
     input: Literal["auto", "pair", "plain"] = "auto"
     """Regression input: 'pair' = `[CLS] context [SEP] response [SEP]` with segment ids (encoders with [CLS]/[SEP]:
-    the response's first `response_tokens` kept, the context cut from the left), 'plain' = `plain_text` cut from
+    the response's first `response_tokens` kept, the context cut from the left), 'plain' = `heads.plain_text` cut from
     the left; 'auto' = pair where the tokenizer has [CLS]/[SEP], else plain."""
     response_tokens: int = 200
     """'pair' input: tokens of the scored response kept (its beginning); the context gets what remains."""
@@ -167,12 +161,6 @@ def explicit_attributes(items: Sequence[str]) -> set[str]:
 
 
 # ---------------------------------------------------------------- examples: one per labelled assistant turn
-
-
-def plain_text(turns: Sequence[Turn]) -> str:
-    """The conversation as the regression APM reads it: `User: ...` / `Assistant: ...` blocks separated by a blank
-    line (the system prompt is left out: it is the same boilerplate in every record)."""
-    return "\n\n".join(f"{t.role}: {t.value}" for t in turns)
 
 
 @dataclass
@@ -266,90 +254,12 @@ def data_files(folder: str | Path, kind: str) -> tuple[Path, Path]:
     return pick("train"), pick("val")
 
 
-# ---------------------------------------------------------------- backbones and the regression model
-
-
-def backbone_kind(name: str) -> str:
-    """'encoder' or 'causal' for a model name (built-in, folder, adapter folder); hub ids default to causal."""
-    if name in models.ENCODER_BUILTINS:
-        return "encoder"
-    if name in models.CAUSAL_BUILTINS or str(name).endswith(".gguf"):
-        return "causal"
-    folder = Path(name).expanduser()
-    if (folder / "config.json").exists():
-        arch = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("architectures") or []
-        return "causal" if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in arch) else "encoder"
-    if (folder / "adapter_config.json").exists():
-        return backbone_kind(models._adapter_base(folder))
-    return "causal"
-
-
-def _unwrap(backbone: nn.Module) -> nn.Module:
-    return backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone
-
-
-def freeze_unused(backbone: nn.Module, pooler_used: bool = False) -> None:
-    """Parameters the read-out never touches get no gradient; freeze them so that 'every trainable parameter
-    changed' holds (BERT's pooler unless `pooler_used`, an untied LM head)."""
-    m = _unwrap(backbone)
-    if getattr(m, "pooler", None) is not None and not pooler_used:
-        m.pooler.requires_grad_(False)
-    out, inp = getattr(m, "get_output_embeddings", lambda: None)(), m.get_input_embeddings()
-    if out is not None and out.weight is not inp.weight:
-        out.requires_grad_(False)
-
-
-class RegressionAPM(nn.Module):
-    """Backbone + one linear output per attribute. Outputs are levels (0..L-1, unclamped) times `scale`: 1 for
-    models trained now; a folder written before levels were predicted directly stored levels / (L-1) and loads
-    with scale L-1, so `forward` is always in levels."""
-
-    def __init__(self, backbone: nn.Module, n_attributes: int, pooling: str, length_feature: bool = False,
-                 head: nn.Linear | None = None, scale: float = 1.0):  # fmt: skip
-        super().__init__()
-        self.backbone, self.pooling, self.length_feature, self.scale = backbone, pooling, length_feature, scale
-        hidden = _unwrap(backbone).config.hidden_size
-        self.head = head if head is not None else nn.Linear(hidden + int(length_feature), n_attributes)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None, response_length: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
-        # `base_model` is the bare transformer (itself for AutoModel backbones), so no vocabulary logits are built.
-        trunk = _unwrap(self.backbone).base_model
-        kwargs = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
-        out = trunk(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        hidden = out.last_hidden_state.float()
-        if self.pooling == "cls":  # the pooler (dense + tanh on the first token), as BertForSequenceClassification
-            pooled = out.pooler_output.float()
-        elif self.pooling in ("mean", "response"):
-            use = response_mask if self.pooling == "response" and response_mask is not None else attention_mask
-            mask = use.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-        else:  # last real token (right padding)
-            last = attention_mask.sum(1).long() - 1
-            pooled = hidden[torch.arange(hidden.size(0), device=hidden.device), last]
-        if self.length_feature:
-            # log(1 + response tokens), centred on ~100 tokens: the whole response's count where the input gives it
-            # ('pair' input keeps only the response's beginning), else the tokens in the input
-            n = response_length if response_length is not None else (response_mask if response_mask is not None else attention_mask).sum(1)  # fmt: skip
-            pooled = torch.cat([pooled, length_input(n.float()).unsqueeze(-1)], dim=-1)
-        return self.head(pooled) * self.scale
-
-
-def length_input(tokens: torch.Tensor) -> torch.Tensor:
-    """The length feature: log(1 + response tokens) - 4.6 (0 at ~100 tokens)."""
-    return torch.log1p(tokens) - 4.6
+# ---------------------------------------------------------------- regression APM: inputs and loss
 
 
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
     """Mean squared error over the labels present only (SPEC §5.1): missing labels are masked, never filled."""
     return (((pred - target) ** 2) * present).sum() / present.sum().clamp(min=1.0)
-
-
-def _tokenize_texts(tokenizer, texts: list[str], max_length: int, offsets: bool = False):
-    # Left truncation keeps the response (the end of the text) and drops the oldest context.
-    tokenizer.truncation_side = "left"
-    enc = tokenizer(texts, truncation=True, max_length=max_length, return_offsets_mapping=offsets)
-    return (enc["input_ids"], enc["offset_mapping"]) if offsets else enc["input_ids"]
 
 
 def has_pair_tokens(tokenizer) -> bool:
@@ -359,11 +269,11 @@ def has_pair_tokens(tokenizer) -> bool:
 
 def pair_inputs(examples: Sequence[Example], tokenizer, max_length: int, response_tokens: int):
     """(token ids, response masks, segment ids, response lengths) of `[CLS] context [SEP] response [SEP]`: the
-    context is `plain_text` of the turns before the response, cut from the left; the response keeps its first
+    context is `heads.plain_text` of the turns before the response, cut from the left; the response keeps its first
     `response_tokens` tokens (its opening says most about it; its whole length in tokens is returned beside).
     Segment id 1 and the response mask mark the response and its [SEP]."""
     cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
-    contexts = tokenizer([plain_text(e.turns[:-1]) for e in examples], add_special_tokens=False, verbose=False)[
+    contexts = tokenizer([heads.plain_text(e.turns[:-1]) for e in examples], add_special_tokens=False, verbose=False)[
         "input_ids"
     ]
     responses = tokenizer([e.turns[-1].value for e in examples], add_special_tokens=False, verbose=False)["input_ids"]
@@ -382,18 +292,18 @@ def pair_inputs(examples: Sequence[Example], tokenizer, max_length: int, respons
 def regression_inputs(examples: Sequence[Example], backbone: str, tokenizer, max_length: int,
                       input_format: str = "plain", response_tokens: int = 200):  # fmt: skip
     """(token ids, response masks, segment ids, response lengths) of the examples in `input_format`: 'pair' (see
-    `pair_inputs`) or 'plain': each example's `plain_text` (a causal backbone gets a final EOS, so the read-out
-    token is fixed), truncated from the left, with a 0/1 mask of the tokens of the scored response (found through
+    `pair_inputs`) or 'plain': each example's `heads.plain_text` and `heads.text_end` (a causal backbone's EOS),
+    truncated from the left, with a 0/1 mask of the tokens of the scored response (found through
     the fast tokenizer's character offsets; every token when the tokenizer is not a fast one), and None for
     the segment ids and lengths."""
     if input_format == "pair":
         return pair_inputs(examples, tokenizer, max_length, response_tokens)
-    eos = tokenizer.eos_token if backbone == "causal" and tokenizer.eos_token else ""
-    texts = [plain_text(e.turns) + eos for e in examples]
+    eos = heads.text_end(backbone, tokenizer)
+    texts = [heads.plain_text(e.turns) + eos for e in examples]
     if not getattr(tokenizer, "is_fast", False):
-        ids = _tokenize_texts(tokenizer, texts, max_length)
+        ids = heads.tokenize_left(tokenizer, texts, max_length)
         return ids, [[1] * len(x) for x in ids], None, None
-    ids, offsets = _tokenize_texts(tokenizer, texts, max_length, offsets=True)
+    ids, offsets = heads.tokenize_left(tokenizer, texts, max_length, offsets=True)
     masks = []
     for e, text, spans in zip(examples, texts, offsets, strict=True):
         start = len(text) - len(eos) - len(e.turns[-1].value)
@@ -421,9 +331,9 @@ def _regression_rows(examples, schema, backbone, tokenizer, max_length, input_fo
 
 
 def length_fit(rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(slope, intercept) per attribute of the least-squares line of level on `length_input` over the training
+    """(slope, intercept) per attribute of the least-squares line of level on `heads.length_input` over the training
     rows that carry the label."""
-    x = length_input(
+    x = heads.length_input(
         torch.tensor(
             [float(r["response_length"] if "response_length" in r else sum(r["response_mask"])) for r in rows]
         )
@@ -485,15 +395,6 @@ def _generative_rows(examples, schema, tokenizer, template, max_length, dropped)
         # Truncate from the left: the trained label sits at the end of the text.
         rows.append({"input_ids": enc["input_ids"][-max_length:], "labels": enc["labels"][-max_length:]})
     return rows
-
-
-def _collate_lm(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    ids = [r["input_ids"] for r in rows]
-    return {
-        "input_ids": pad(ids, pad_id),
-        "attention_mask": pad([[1] * len(x) for x in ids], 0),
-        "labels": pad([r["labels"] for r in rows], templates.IGNORE_INDEX),
-    }
 
 
 def max_label_tokens(schema: AttributeSchema, tokenizer) -> int:
@@ -689,29 +590,6 @@ def apm_folder(path: str | Path) -> Path:
     return path
 
 
-def standard_layout(m: RegressionAPM) -> bool:
-    """Whether a regression APM is exactly a transformers `*ForSequenceClassification` model: an encoder read
-    through its pooler ('cls'), no extra length input, no LoRA, outputs in levels."""
-    base = m.backbone
-    return (m.pooling == "cls" and not m.length_feature and m.scale == 1.0 and base is _unwrap(base)
-            and getattr(base, "pooler", None) is not None)  # fmt: skip
-
-
-def as_sequence_classifier(m: RegressionAPM, schema: AttributeSchema) -> nn.Module:
-    """The regression APM as a standard `AutoModelForSequenceClassification` model: one output per
-    attribute (`id2label` = attribute names, `problem_type: regression`), the same weights, so transformers alone
-    computes the same levels (in eval mode; the classifier's dropout is off there)."""
-    config = type(m.backbone.config).from_dict(m.backbone.config.to_dict())
-    config.num_labels = len(schema.names)
-    config.id2label = dict(enumerate(schema.names))
-    config.label2id = {n: i for i, n in enumerate(schema.names)}
-    config.problem_type = "regression"
-    seq = AutoModelForSequenceClassification.from_config(config)
-    seq.base_model.load_state_dict(m.backbone.state_dict())
-    seq.classifier.load_state_dict(m.head.state_dict())
-    return seq.eval()
-
-
 def load_apm(path: str | Path, *, device: torch.device | None = None) -> APM:
     """Load an APM written by `steerlm train-apm`, given its output folder or the `best/` model folder in it; a
     folder without steerlm_apm.json is a UserError."""
@@ -721,30 +599,17 @@ def load_apm(path: str | Path, *, device: torch.device | None = None) -> APM:
         if key not in meta:
             raise UserError(f"missing key {key!r}", file=str(path / META))
     dev = device or models.device()
-    if meta["kind"] == "regression" and meta.get("layout") == SEQ_CLS:
-        # a standard transformers folder: its backbone and `classifier` are the APM's trunk and head
-        with models._folder_errors(str(path)):
-            seq = AutoModelForSequenceClassification.from_pretrained(str(path))
-        tokenizer = models.load_tokenizer(str(path))
-        model = RegressionAPM(seq.base_model, seq.config.num_labels, "cls", head=seq.classifier).to(dev)
-    elif meta["kind"] == "regression":  # the earlier layout: backbone folder + apm_head.safetensors
-        backbone, tokenizer = models.load_encoder(str(path), device=dev)
-        schema = AttributeSchema.from_dict(meta["attributes"])
+    if meta["kind"] == "regression":  # either layout (heads.py)
         # before `scale: levels`, the head predicted levels / (L-1)
-        scale = 1.0 if meta.get("scale") == "levels" else float(schema.max_level)
-        model = RegressionAPM(
-            backbone, len(schema.names), meta.get("pooling") or "mean", bool(meta.get("length_feature")), scale=scale
-        )
-        head_file = path / (meta.get("head") or HEAD)
-        if not head_file.exists():
-            raise UserError(f"missing the regression head {head_file.name}", file=str(path))
-        model.head.load_state_dict(load_file(str(head_file)))
-        model.to(dev)
+        top = AttributeSchema.from_dict(meta["attributes"]).max_level
+        scale = 1.0 if meta.get("scale") == "levels" else float(top)
+        model, tokenizer = heads.load(path, meta, HEAD, dev, length_feature=bool(meta.get("length_feature")),
+                                      scale=scale)  # fmt: skip
     elif meta["kind"] == "generative":
         model, tokenizer = models.load_causal_lm(str(path), device=dev)
+        model.eval()
     else:
         raise UserError(f"unknown APM kind {meta['kind']!r}", file=str(path / META), field="kind")
-    model.eval()
     return APM(model, tokenizer, meta, str(path))
 
 
@@ -844,7 +709,7 @@ def main(cfg: Config) -> dict:
         return {}
     levels = cfg.levels or data_levels(cfg.data) or 10
     schema = AttributeSchema(resolve_attributes(cfg.attributes), levels)
-    backbone = cfg.backbone if cfg.backbone != "auto" else backbone_kind(cfg.model)
+    backbone = cfg.backbone if cfg.backbone != "auto" else heads.backbone_kind(cfg.model)
     if cfg.kind == "generative" and backbone != "causal":
         raise UserError(f"a generative APM needs a causal LM; {cfg.model!r} is an encoder", field="model")
     if backbone == "encoder" and cfg.train.lora.enabled:
@@ -882,13 +747,13 @@ def main(cfg: Config) -> dict:
         if input_format == "pair" and (backbone != "encoder" or not has_pair_tokens(tokenizer)):
             raise UserError("the 'pair' input needs an encoder whose tokenizer has [CLS] and [SEP]", field="input")
         if pooling == "auto":
-            pooling = "cls" if getattr(_unwrap(base), "pooler", None) is not None else "mean"
-        if pooling == "cls" and getattr(_unwrap(base), "pooler", None) is None:
+            pooling = "cls" if getattr(models.unwrap(base), "pooler", None) is not None else "mean"
+        if pooling == "cls" and getattr(models.unwrap(base), "pooler", None) is None:
             raise UserError(f"{cfg.model!r} has no pooler for the 'cls' read-out; use mean or last", field="pooling")
-        freeze_unused(base, pooler_used=pooling == "cls")
+        heads.freeze_unused(base, pooler_used=pooling == "cls")
         base = models.apply_lora(base, cfg.train.lora)
         torch.manual_seed(cfg.train.seed)
-        model = RegressionAPM(base, len(schema.names), pooling, cfg.length_feature)
+        model = heads.HeadModel(base, len(schema.names), pooling, cfg.length_feature)
         # Start exactly at the predict-the-mean baseline: zero weights, bias at the training means in levels
         # (random weights would start from noisy predictions that the backbone first has to learn away).
         nn.init.zeros_(model.head.weight)
@@ -922,10 +787,10 @@ def main(cfg: Config) -> dict:
         def collate(rows):
             if cfg.train.packing:  # several examples per row, attention kept inside each (data/collate.py)
                 return collate_packed(rows, tokenizer.pad_token_id, max_length)
-            return _collate_lm(rows, tokenizer.pad_token_id)
+            return collate_lm(rows, tokenizer.pad_token_id)
 
         def loss_fn(m, batch):
-            return m(**model_inputs(batch), labels=batch["labels"]).loss, {}
+            return conditioning.conditioned_lm_loss(m, batch)[0], {}  # the one LM loss: SFT's, without twins
 
     print(f"train-apm: {cfg.kind} APM on {cfg.model} ({backbone}, {pooling if cfg.kind == 'regression' else cfg.template}); "
           f"{len(train_rows)} train / {len(val_rows)} val examples; attributes {','.join(schema.names)} (L={levels})"
@@ -934,7 +799,7 @@ def main(cfg: Config) -> dict:
     meta = {
         "kind": cfg.kind, "attributes": schema.to_dict(), "template": cfg.template if cfg.kind == "generative" else None,
         "backbone": backbone, "pooling": pooling if cfg.kind == "regression" else None, "max_length": max_length,
-        "base_model": cfg.model, "lora": cfg.train.lora.enabled, "text_format": TEXT_FORMAT,
+        "base_model": cfg.model, "lora": cfg.train.lora.enabled, "text_format": heads.TEXT_FORMAT,
         "head": HEAD if cfg.kind == "regression" else None, "train_means": means,
         "length_feature": cfg.length_feature and cfg.kind == "regression",
         "input": input_format if cfg.kind == "regression" else None, "response_tokens": cfg.response_tokens,
@@ -961,11 +826,8 @@ def main(cfg: Config) -> dict:
         staging = out / f".{BEST}.tmp"
         shutil.rmtree(staging, ignore_errors=True)
         info = {**meta, "val_loss": metrics["val_loss"]}
-        if cfg.kind == "regression" and standard_layout(m):
-            models.save_model(as_sequence_classifier(m, schema), tokenizer, staging, META, {**info, "layout": SEQ_CLS, "head": None})  # fmt: skip
-        elif cfg.kind == "regression":
-            models.save_model(m.backbone, tokenizer, staging, META, info)
-            save_file({k: v.detach().cpu().contiguous() for k, v in m.head.state_dict().items()}, str(staging / HEAD))
+        if cfg.kind == "regression":
+            heads.save(m, tokenizer, staging, META, info, backbone=backbone, labels=schema.names, head_file=HEAD)
         else:
             models.save_model(m, tokenizer, staging, META, info)
         _publish(staging, out / BEST)

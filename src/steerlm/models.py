@@ -484,6 +484,13 @@ def tiny_encoder(seed: int = 0):
 # ---------------------------------------------------------------- LoRA, saving, meta
 
 
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside a peft wrapper (`PeftModel.get_base_model()`: the LoRA layers stay injected in
+    it), or `model` itself when it is not wrapped. For reading its config or sub-modules; calling it directly runs
+    the adapted weights all the same."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def _is_causal_lm(model) -> bool:
     return type(model).__name__.endswith("ForCausalLM")
 

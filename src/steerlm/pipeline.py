@@ -216,19 +216,15 @@ def _local_files(entries: list[str | list[str]]) -> list[str]:
 
 def _read_hh(entry: str | list[str]) -> tuple[str, list, int]:
     """(source used, records, invalid lines skipped) of the first candidate of an `hh_rlhf` entry that exists (a
-    file) or loads (a hub id); a UserError listing every candidate's reason when none does."""
+    file) and reads, or loads (a hub id): `formats.first_usable`, any candidate's failure giving way to the next."""
     from steerlm import annotate
+    from steerlm.data import formats
 
-    reasons = []
-    for source in [entry] if isinstance(entry, str) else entry:
-        if not source.startswith("hub:") and not Path(source).is_file():
-            reasons.append(f"{source}: no such file")
-            continue
-        try:
-            return (source, *annotate.read_input(source, "hh", skip_invalid=True))
-        except (UserError, OSError) as e:
-            reasons.append(f"{source}: {e}")
-    raise UserError("no candidate HH-RLHF source could be used:\n  " + "\n  ".join(reasons), field="hh_rlhf")
+    candidates = [entry] if isinstance(entry, str) else entry
+    source, (records, invalid) = formats.first_usable(
+        candidates, lambda s: annotate.read_input(s, "hh", skip_invalid=True), what="HH-RLHF source",
+        field="hh_rlhf", errors=(UserError, OSError))  # fmt: skip
+    return source, records, invalid
 
 
 def _apm_metric(r: dict) -> str:

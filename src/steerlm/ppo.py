@@ -45,12 +45,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
+from steerlm import conditioning, model_card, models, tracking, train
 from steerlm import config as config_lib
-from steerlm import model_card, models, tracking, train
 from steerlm.attributes import AttributeSchema
 from steerlm.config import TrainArgs
 from steerlm.data import invariants, preferences, templates
-from steerlm.data.collate import pad
+from steerlm.data.collate import collate_lm, pad
 from steerlm.data.records import Record, Turn, read_records
 from steerlm.errors import UserError
 from steerlm.generate import META, Generator, SamplingArgs
@@ -262,10 +262,6 @@ class KLController:
 # ---------------------------------------------------------------- policy, reference and value head
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 class ValueHead(nn.Module):
     """V(s_t): a linear read-out of the policy's last hidden state, starting at 0 everywhere."""
 
@@ -343,13 +339,6 @@ def evaluate_tokens(model: nn.Module, batch: Batch, value_head: ValueHead | None
     entropy = -(logprobs.exp() * logprobs).sum(-1)
     values = value_head(out.hidden_states[-1][rows, batch.positions]) if value_head is not None else None
     return logp, entropy, values
-
-
-def lm_loss(model: nn.Module, examples: list[dict], pad_id: int, device) -> torch.Tensor:
-    """The PPO-ptx term: next-token loss on SFT/pretraining text (labels -100 where masked, SPEC §4)."""
-    ids = [e["input_ids"] for e in examples]
-    return model(input_ids=pad(ids, pad_id).to(device), attention_mask=pad([[1] * len(x) for x in ids], 0).to(device),
-                 labels=pad([e["labels"] for e in examples], templates.IGNORE_INDEX).to(device)).loss  # fmt: skip
 
 
 # ---------------------------------------------------------------- inputs
@@ -578,7 +567,7 @@ def main(cfg: Config, reward_fn: RewardFn | None = None) -> dict:
     policy, ref_copy, tokenizer, meta = load_policy(cfg, dev)
     reference = Reference(policy, ref_copy)
     gen = make_generator(policy, tokenizer, meta, config_lib.unless_auto(cfg.template))
-    hidden = _unwrap(policy).config.hidden_size
+    hidden = models.unwrap(policy).config.hidden_size
     value_head = ValueHead(hidden).to(dev)
     if reward_fn is not None:
         source = "reward function (given)"
@@ -589,7 +578,7 @@ def main(cfg: Config, reward_fn: RewardFn | None = None) -> dict:
     all_prompts = read_prompt_files(cfg.prompts)
     prompt_ids, prompts, too_long = [], [], 0
     # A prompt must leave the policy's context room for the answer it is rewarded for (the shared check; counted).
-    context = int(getattr(_unwrap(policy).config, "max_position_embeddings", 0) or 0) or None
+    context = int(getattr(models.unwrap(policy).config, "max_position_embeddings", 0) or 0) or None
     no_room = invariants.Rows()
     for p in all_prompts:
         ids = gen.prompt_ids(p)
@@ -692,7 +681,9 @@ def main(cfg: Config, reward_fn: RewardFn | None = None) -> dict:
                 if ptx:
                     update = (step * pargs.epochs + ppo_epoch) * mb_per_epoch + k // pargs.mini_batch_size
                     chosen = [ptx[(update * pargs.ptx_batch_size + j) % len(ptx)] for j in range(pargs.ptx_batch_size)]
-                    losses["ptx_loss"] = lm_loss(policy, chosen, pad_id, dev)
+                    # SFT's loss (SPEC §4 masks, mean per trained token), the one definition of the LM loss
+                    ptx_batch = {name: t.to(dev) for name, t in collate_lm(chosen, pad_id).items()}
+                    losses["ptx_loss"] = conditioning.conditioned_lm_loss(policy, ptx_batch)[0]
                     loss = loss + pargs.ptx_coef * losses["ptx_loss"]
                 optimizer.zero_grad()
                 loss.backward()
@@ -740,7 +731,7 @@ def main(cfg: Config, reward_fn: RewardFn | None = None) -> dict:
             samples.append({"prompt": p.conversations[-1].value, "before": b["answer"], "reward_before": b["reward"],
                             "after": a, "reward_after": r})  # fmt: skip
         write_jsonl(out / "samples.jsonl", samples)
-    final = _unwrap(policy.merge_and_unload()) if targs.lora.enabled else policy
+    final = models.unwrap(policy.merge_and_unload()) if targs.lora.enabled else policy
     staging = out / ".policy.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     out_meta = {"attributes": meta.get("attributes"), "template": gen.template, "conditioning": gen.conditioning,

@@ -199,23 +199,16 @@ def load(cfg: Config, source: str, stats: Counter) -> tuple[list[Record], str]:
 
 
 def load_first(cfg: Config, stats: Counter) -> tuple[list[Record], str, str]:
-    """(records, source used, format) from the first candidate source that exists or loads."""
-    reasons = []
-    for source in cfg.sources:
-        source = source.strip()
-        if not source.startswith(oasst.HUB_PREFIX) and not Path(source).exists():
-            reasons.append(f"{source}: does not exist")
-            continue
-        try:
-            records, fmt = load(cfg, source, stats)
-        except oasst.HubUnavailable as e:
-            reasons.append(f"{source}: {e.reason}")
-            stats.clear()
-            continue
-        return records, source, fmt
-    if len(reasons) == 1:
-        raise UserError(reasons[0], field="source")
-    raise UserError("no candidate source could be used:\n  " + "\n  ".join(reasons), field="source")
+    """(records, source used, format) from the first candidate source that exists or loads (`formats.first_usable`;
+    an unreachable hub id gives way to the next candidate, and its partial counts are not kept)."""
+
+    def attempt(source: str) -> tuple[list[Record], str, Counter]:
+        counts: Counter = Counter()
+        return (*load(cfg, source, counts), counts)
+
+    source, (records, fmt, counts) = formats.first_usable(cfg.sources, attempt, what="source", field="source")
+    stats.update(counts)
+    return records, source, fmt
 
 
 def group_key(records: list[Record], fmt: str) -> str:

@@ -5,15 +5,18 @@
     steerlm train-rm runs/data/train.jsonl --model smollm2-135m-instruct --train.lora.r=8 --train.lr=2e-4
 
 A backbone (an encoder, or a causal LM's decoder stack) reads `User: ...` / `Assistant: ...` text and a linear head
-turns the final token's state (or the mean over tokens) into one score r(x, y). Comparisons come from:
+turns the final token's state (or the mean over tokens, or an encoder's pooler) into one score r(x, y): the
+regression APM's model with one output (`heads.HeadModel`). Comparisons come from:
 - OASST sibling ranks: for K ranked replies to one message, all K·(K-1)/2 (better, worse) pairs;
 - HH-RLHF: chosen beats rejected.
 All comparisons of one prompt form one training example, so they share a batch and each response is encoded once;
 the loss is `-log σ(r_w - r_l)` (`losses.pairwise_loss`), each prompt's pairs averaged first. Held-out comparisons
 are split by OASST tree / HH pair; the pairwise accuracy and reward margin on them pick the best checkpoint.
 
-The output folder is a model folder (`save_pretrained` backbone + tokenizer, `reward_head.safetensors`,
-`steerlm_rm.json`); `load_rm(path).score(records)` gives one float per conversation, scored at its last answer.
+The output folder is a model folder: a standard transformers `*ForSequenceClassification` folder with one label
+where one computes the same score (a causal LM read at its last token, an encoder read through its pooler), else
+the backbone + `reward_head.safetensors` (`heads.save`); and `steerlm_rm.json`. `load_rm(path).score(records)`
+gives one float per conversation, scored at its last answer.
 """
 
 from __future__ import annotations
@@ -29,13 +32,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from steerlm import config as config_lib
-from steerlm import models, train
-from steerlm.apm import backbone_kind, freeze_unused, plain_text
+from steerlm import heads, models, train
 from steerlm.config import TrainArgs
 from steerlm.data import invariants, preferences
 from steerlm.data.collate import pad
@@ -47,9 +48,10 @@ from steerlm.losses import pairwise_loss
 
 POSITIONAL = "data"
 META = "steerlm_rm.json"
+#: The head's file in the backbone + head layout (`heads.save`).
 HEAD = "reward_head.safetensors"
-#: Version tag of the input text (shared with the regression APM's `plain_text`), stored in the folder.
-TEXT_FORMAT = "plain-v1"
+#: The one label of a standard reward-model folder (`id2label`).
+LABEL = "reward"
 
 
 @dataclass
@@ -80,9 +82,11 @@ class Config:
     as InstructGPT does) or a hub id."""
     backbone: Literal["auto", "encoder", "causal"] = "auto"
     """Kind of backbone; 'auto' decides from the model."""
-    pooling: Literal["auto", "last", "mean"] = "auto"
-    """Read-out: the 'last' real token (SPEC §6; a causal LM reads a final EOS) or the 'mean' over tokens; 'auto' =
-    last for causal LMs, mean for encoders (how sentence encoders such as MiniLM were trained)."""
+    pooling: Literal["auto", "last", "mean", "cls"] = "auto"
+    """Read-out: the 'last' real token (SPEC §6; a causal LM reads a final EOS), the 'mean' over tokens, or 'cls' =
+    an encoder's pooler on its first token (what `BertForSequenceClassification` computes); 'auto' = last for
+    causal LMs, mean for encoders (how sentence encoders such as MiniLM were trained). 'last' on a causal LM and
+    'cls' save a standard transformers folder; 'mean' has no transformers class (backbone + head file)."""
     val_fraction: float = 0.1
     """Without `val_data`: the share of OASST trees / HH pairs held out to measure pairwise accuracy."""
     max_prompts: int = 0
@@ -169,43 +173,12 @@ def read_comparisons(cfg: Config) -> tuple[list[Comparisons], list[Comparisons],
 
 def rm_text(turns: Sequence[Turn], backbone: str, tokenizer) -> str:
     """What the reward model reads: the plain conversation (as the regression APM), ended by EOS on a causal
-    backbone so that the read-out token is the same whatever the answer's last word."""
-    eos = tokenizer.eos_token if backbone == "causal" and tokenizer.eos_token else ""
-    return plain_text(turns) + eos
-
-
-def tokenize(texts: list[str], tokenizer, max_length: int) -> list[list[int]]:
-    # Left truncation keeps the answer (the end of the text) and drops the oldest context.
-    tokenizer.truncation_side = "left"
-    return tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
-
-
-def _unwrap(backbone: nn.Module) -> nn.Module:
-    return backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone
-
-
-class RewardModel(nn.Module):
-    """Backbone + a scalar head: r(x, y) read at the last real token (right padding) or mean-pooled."""
-
-    def __init__(self, backbone: nn.Module, pooling: str):
-        super().__init__()
-        self.backbone, self.pooling = backbone, pooling
-        self.head = nn.Linear(_unwrap(backbone).config.hidden_size, 1)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        # Through peft's wrapper when LoRA is on (its forward routes to the adapted base model).
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state.float()
-        if self.pooling == "mean":
-            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-        else:
-            last = attention_mask.sum(1).long() - 1
-            pooled = hidden[torch.arange(hidden.size(0), device=hidden.device), last]
-        return self.head(pooled).squeeze(-1)
+    backbone so that the read-out token is the same whatever the answer's last word (`heads.text_end`)."""
+    return heads.plain_text(turns) + heads.text_end(backbone, tokenizer)
 
 
 def score_ids(
-    model: RewardModel, ids: list[list[int]], pad_id: int, batch_size: int, progress: bool = False
+    model: heads.HeadModel, ids: list[list[int]], pad_id: int, batch_size: int, progress: bool = False
 ) -> list[float]:
     """Scores of tokenized conversations, in length-sorted batches (little padding), returned in input order.
 
@@ -223,7 +196,7 @@ def score_ids(
             chunk = order[start : start + batch_size]
             rows = [list(unique[i]) for i in chunk]
             x, mask = pad(rows, pad_id).to(dev), pad([[1] * len(r) for r in rows], 0).to(dev)
-            for i, r in zip(chunk, model(x, mask).float().cpu().tolist(), strict=True):
+            for i, r in zip(chunk, model(x, mask)[:, 0].float().cpu().tolist(), strict=True):
                 scores[i] = r
     return [scores[k] for k in where]
 
@@ -231,7 +204,7 @@ def score_ids(
 class RewardScorer:
     """A trained reward model loaded back: `score(items)` gives one float per conversation."""
 
-    def __init__(self, model: RewardModel, tokenizer, meta: dict, path: str | None = None):
+    def __init__(self, model: heads.HeadModel, tokenizer, meta: dict, path: str | None = None):
         self.model, self.tokenizer, self.meta, self.path = model, tokenizer, meta, path
         self.backbone, self.max_length = meta["backbone"], int(meta["max_length"])
 
@@ -246,8 +219,8 @@ class RewardScorer:
         was_training = self.model.training
         self.model.eval()
         try:
-            return score_ids(self.model, tokenize(texts, self.tokenizer, self.max_length), self.tokenizer.pad_token_id,
-                             batch_size, progress)  # fmt: skip
+            return score_ids(self.model, heads.tokenize_left(self.tokenizer, texts, self.max_length),
+                             self.tokenizer.pad_token_id, batch_size, progress)  # fmt: skip
         finally:
             self.model.train(was_training)
 
@@ -266,8 +239,9 @@ def _turns(item: Any) -> list[Turn]:
 
 
 def load_rm(path: str | Path, *, device: torch.device | None = None) -> RewardScorer:
-    """Load a folder written by `steerlm train-rm` (the model is the folder itself; a `best/` inside it is accepted
-    too, as other stages lay out theirs); a folder without steerlm_rm.json is a UserError."""
+    """Load a folder written by `steerlm train-rm`, in either layout (`heads.load`; the model is the folder itself,
+    a `best/` inside it is accepted too, as other stages lay out theirs); a folder without steerlm_rm.json is a
+    UserError."""
     path = Path(path)
     if not (path / META).exists() and (path / "best" / META).exists():
         path = path / "best"
@@ -275,16 +249,7 @@ def load_rm(path: str | Path, *, device: torch.device | None = None) -> RewardSc
     for key in ("backbone", "pooling", "max_length"):
         if key not in meta:
             raise UserError(f"missing key {key!r}", file=str(path / META))
-    dev = device or models.device()
-    backbone, tokenizer = models.load_encoder(str(path), device=dev)
-    if hasattr(backbone, "merge_and_unload"):  # a LoRA reward model: fold the adapter in for scoring
-        backbone = backbone.merge_and_unload()
-    model = RewardModel(backbone, meta["pooling"])
-    head_file = path / meta.get("head", HEAD)
-    if not head_file.exists():
-        raise UserError(f"missing the reward head {head_file.name}", file=str(path))
-    model.head.load_state_dict(load_file(str(head_file)))
-    model.to(dev).eval()
+    model, tokenizer = heads.load(path, meta, HEAD, device or models.device())
     return RewardScorer(model, tokenizer, meta, str(path))
 
 
@@ -335,8 +300,8 @@ def collate_comparisons(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor
     }
 
 
-def comparison_loss(model: RewardModel, batch: dict) -> tuple[torch.Tensor, dict]:
-    rewards = model(batch["input_ids"], batch["attention_mask"])
+def comparison_loss(model: heads.HeadModel, batch: dict) -> tuple[torch.Tensor, dict]:
+    rewards = model(batch["input_ids"], batch["attention_mask"])[:, 0]
     r_w, r_l = rewards[batch["chosen"]], rewards[batch["rejected"]]
     loss = pairwise_loss(r_w, r_l, batch["group"])
     return loss, {"accuracy": (r_w > r_l).float().mean().item(), "margin": (r_w - r_l).mean().item()}
@@ -392,7 +357,7 @@ def main(cfg: Config) -> dict:
     if train.prepare_output(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, meta_name=META, what="reward-model"):
         print(f"train-rm: {out} is already complete (nothing to resume)")
         return {}
-    backbone = cfg.backbone if cfg.backbone != "auto" else backbone_kind(cfg.model)
+    backbone = cfg.backbone if cfg.backbone != "auto" else heads.backbone_kind(cfg.model)
     if backbone == "encoder" and cfg.train.lora.enabled:
         raise UserError("LoRA is offered for causal LM backbones; fine-tune an encoder fully (lora.r=0)",
                         field="train.lora.r")  # fmt: skip
@@ -407,12 +372,17 @@ def main(cfg: Config) -> dict:
     base, tokenizer = models.load_encoder(cfg.model, device=torch.device("cpu"))
     if hasattr(base, "merge_and_unload"):  # e.g. initialised from a LoRA SFT model (InstructGPT starts from SFT)
         base = base.merge_and_unload()
-    freeze_unused(base)
+    if pooling == "cls" and (backbone != "encoder" or getattr(base, "pooler", None) is None):
+        raise UserError(f"{cfg.model!r} has no pooler for the 'cls' read-out; use mean or last", field="pooling")
+    if backbone == "causal":
+        heads.pad_apart_from_eos(tokenizer, base)
+    heads.freeze_unused(base, pooler_used=pooling == "cls")
     base = models.apply_lora(base, cfg.train.lora)
     torch.manual_seed(cfg.train.seed)
-    model = RewardModel(base, pooling)
+    # No bias: the pairwise loss sees only differences of rewards, so a bias would get no gradient; without one, a
+    # causal reward model is exactly transformers' `*ForSequenceClassification`, whose `score` layer has none.
+    model = heads.HeadModel(base, 1, pooling, bias=False)
     nn.init.normal_(model.head.weight, std=0.02)
-    nn.init.zeros_(model.head.bias)
     max_length = cfg.train.max_length
     # the tokens actually used must still compare two different things (invariants: dropped and counted per file)
     dropped: dict[str, dict[str, Counter]] = {"train": {}, "val": {}}
@@ -435,7 +405,7 @@ def main(cfg: Config) -> dict:
 
     meta = {
         "kind": "reward", "backbone": backbone, "pooling": pooling, "max_length": max_length, "base_model": cfg.model,
-        "lora": cfg.train.lora.enabled, "text_format": TEXT_FORMAT, "head": HEAD, "data": counts,
+        "lora": cfg.train.lora.enabled, "text_format": heads.TEXT_FORMAT, "data": counts,
     }  # fmt: skip
 
     # 3. held-out pairwise accuracy (the best-checkpoint criterion) and saving the best model as a loadable folder
@@ -449,8 +419,8 @@ def main(cfg: Config) -> dict:
     def save_best(m, metrics: dict) -> None:
         staging = out / ".best.tmp"
         shutil.rmtree(staging, ignore_errors=True)
-        models.save_model(m.backbone, tokenizer, staging, META, {**meta, "step_metrics": metrics})
-        save_file({k: v.detach().cpu().contiguous() for k, v in m.head.state_dict().items()}, str(staging / HEAD))
+        heads.save(m, tokenizer, staging, META, {**meta, "step_metrics": metrics}, backbone=backbone,
+                   labels=(LABEL,), head_file=HEAD)  # fmt: skip
         models.publish_into(staging, out, META)
 
     out.mkdir(parents=True, exist_ok=True)

@@ -4,10 +4,14 @@ annotate, train-rm and ppo's prompt files. Each loader knows its own rows (`oass
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from steerlm.data import helpsteer, hh, oasst
+from steerlm.errors import UserError
+
+T = TypeVar("T")
 
 #: The formats `detect` can answer, as `steerlm prepare --format` names them.
 FORMATS = ("oasst", "oasst-trees", "hh", "helpsteer2", "records")
@@ -36,3 +40,27 @@ def detect_file(source: str | Path) -> str | None:
         name = source.lower()
         return "hh" if "hh-rlhf" in name else "helpsteer2" if "helpsteer" in name else "oasst"
     return detect(oasst.first_record(source))
+
+
+def first_usable(candidates: Sequence[str], load: Callable[[str], T], *, what: str, field: str,
+                 errors: tuple[type[Exception], ...] = (oasst.HubUnavailable,)) -> tuple[str, T]:  # fmt: skip
+    """(candidate, `load(candidate)`) of the first candidate source that is usable: a local path must exist (a
+    `hub:ID` is tried as it is) and `load` must not raise one of `errors` (by default only an unreachable hub, so
+    that a malformed local file stops the run instead of falling through to the next candidate). When none is, one
+    UserError on `field` gives each candidate's reason: the reason alone for a single candidate, else a list under
+    "no candidate {what} could be used"."""
+    reasons = []
+    for source in candidates:
+        source = source.strip()
+        if not source.startswith(oasst.HUB_PREFIX) and not Path(source).exists():
+            reasons.append(f"{source}: does not exist")
+            continue
+        try:
+            return source, load(source)
+        except errors as e:
+            # a UserError's location is the candidate itself unless it names a file (and line) of its own
+            reason = e.reason if isinstance(e, UserError) and e.file is None else str(e)
+            reasons.append(f"{source}: {reason}")
+    if len(reasons) == 1:
+        raise UserError(reasons[0], field=field)
+    raise UserError(f"no candidate {what} could be used:\n  " + "\n  ".join(reasons), field=field)

@@ -15,8 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from steerlm.config import read_yaml
 from steerlm.errors import UserError
 from steerlm.io import read_jsonl, write_jsonl
 
@@ -164,9 +163,8 @@ def data_levels(path: str | Path) -> int:
         if not file.is_file():
             continue
         try:
-            text = file.read_text(encoding="utf-8")
-            doc = yaml.safe_load(text) if file.suffix == ".yaml" else json.loads(text)
-        except (OSError, ValueError, yaml.YAMLError):
+            doc = read_yaml(file) if file.suffix == ".yaml" else json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, ValueError, UserError):
             continue
         if not isinstance(doc, dict):
             continue

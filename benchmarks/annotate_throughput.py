@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from steerlm import annotate, apm, heads, models
+from steerlm import annotate, apm_model, heads, models
 from steerlm.attributes import AttributeSchema
 
 DEFAULT_INPUT = (
@@ -26,14 +26,14 @@ DEFAULT_INPUT = (
 )
 
 
-def untrained_apm(backbone_name: str) -> apm.APM:
+def untrained_apm(backbone_name: str) -> apm_model.APM:
     """A regression APM on `backbone_name` with a random head: the same computation as a trained one."""
     backbone, tokenizer = models.load_encoder(backbone_name)
     schema = AttributeSchema("steerable")
     model = heads.HeadModel(backbone, len(schema.names), "mean").to(models.device())
     meta = {"kind": "regression", "attributes": schema.to_dict(), "backbone": "encoder", "pooling": "mean",
             "max_length": 512}  # fmt: skip
-    return apm.APM(model.eval(), tokenizer, meta)
+    return apm_model.APM(model.eval(), tokenizer, meta)
 
 
 def rate(fn, records) -> tuple[float, float]:
@@ -55,7 +55,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    scorer = apm.load_apm(args.apm) if args.apm else untrained_apm("tiny-encoder" if args.tiny else "minilm-l6")
+    scorer = apm_model.load_apm(args.apm) if args.apm else untrained_apm("tiny-encoder" if args.tiny else "minilm-l6")
     records, _ = annotate.read_input(args.input, "auto", skip_invalid=True)
     records = records[: args.records]
     turns = sum(len(r.assistant_turns) for r in records)

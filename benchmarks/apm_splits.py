@@ -6,7 +6,7 @@
 
 For each split seed: `steerlm prepare` holds out 20% of the trees as the test set (`test/val.jsonl`, never seen in
 training or checkpoint choice); the other trees are split again by tree (10% validation, for the best epoch); then
-`steerlm train-apm` with the recipe, and `apm.agreement` on the test trees: per attribute MAE / ±1 / Spearman,
+`steerlm train-apm` with the recipe, and `apm_model.agreement` on the test trees: per attribute MAE / ±1 / Spearman,
 the training-mean baseline and the response word count's Spearman. Writes `<out>/<name>/summary.json` (per split
 and mean ± sd over splits) and prints one line per attribute. Run it alone: timing is part of the result.
 """
@@ -20,7 +20,7 @@ import statistics
 import time
 from pathlib import Path
 
-from steerlm import apm, config, prepare
+from steerlm import apm, apm_model, config, prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 OASST = ROOT.parent / "shared" / "data" / "oasst1" / "oasst1-en-dev.jsonl"
@@ -49,9 +49,9 @@ def run_split(seed: int, overrides: dict, work: Path, out: Path) -> dict:
     start = time.time()
     summary = apm.main(cfg)
     seconds = time.time() - start
-    model = apm.load_apm(cfg.out)
-    report = apm.agreement(model, apm.read_examples(test, model.schema), 32)
-    print(apm.format_table(report))
+    model = apm_model.load_apm(cfg.out)
+    report = apm_model.agreement(model, apm_model.read_examples(test, model.schema), 32)
+    print(apm_model.format_table(report))
     rows = {
         n: {"mae": r["apm"]["mae"], "mean_mae": (r["baseline"] or {}).get("mae"), "within1": r["apm"]["within1"],
             "mean_within1": (r["baseline"] or {}).get("within1"), "spearman": r["apm"]["spearman"],

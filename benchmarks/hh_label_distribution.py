@@ -17,7 +17,7 @@ import json
 import time
 from pathlib import Path
 
-from steerlm import annotate, apm
+from steerlm import annotate, apm_model
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hh-rlhf"
 FILES = ("helpful-base-dev.jsonl.gz", "harmless-base-dev.jsonl.gz")
@@ -32,11 +32,11 @@ def main() -> None:
     ap.add_argument("--data", default="", help="prepare folder: fit the map from its val.jsonl predictions and "
                     "train.jsonl labels, as train-apm does, for an APM that stores none")  # fmt: skip
     args = ap.parse_args()
-    model = apm.load_apm(args.apm)
+    model = apm_model.load_apm(args.apm)
     if args.data and not model.calibration:
-        val = apm.read_examples(Path(args.data) / "val.jsonl", model.schema)
-        train = apm.read_examples(Path(args.data) / "train.jsonl", model.schema)
-        model.meta["calibration"] = apm.fit_calibration(model.predict(val), train, model.schema)
+        val = apm_model.read_examples(Path(args.data) / "val.jsonl", model.schema)
+        train = apm_model.read_examples(Path(args.data) / "train.jsonl", model.schema)
+        model.meta["calibration"] = apm_model.fit_calibration(model.predict(val), train, model.schema)
     if not model.calibration:
         raise SystemExit(f"{args.apm} has no calibration map (trained before issue #13); pass --data")
     records = []

@@ -47,7 +47,7 @@ def main() -> None:
     gen = Generator.load(args.model)
     apm = None
     if args.apm:
-        from steerlm.apm import load_apm
+        from steerlm.apm_model import load_apm
 
         apm = load_apm(args.apm)
     if args.prompts_file:

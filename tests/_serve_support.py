@@ -33,16 +33,16 @@ def tiny_apm(folder: Path) -> Path:
     """An untrained regression APM on the tiny encoder, saved as `steerlm train-apm` saves one."""
     from safetensors.torch import save_file
 
-    from steerlm import apm, heads
+    from steerlm import apm_model, heads
 
     backbone, tokenizer = models.tiny_encoder(0)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         head = heads.HeadModel(backbone, len(ATTRIBUTES["names"]), "mean").head
     meta = {"kind": "regression", "attributes": ATTRIBUTES, "template": None, "backbone": "encoder",
-            "pooling": "mean", "max_length": 128, "base_model": "tiny-encoder", "lora": False, "head": apm.HEAD}  # fmt: skip
-    models.save_model(backbone, tokenizer, folder, apm.META, meta)
-    save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(folder / apm.HEAD))
+            "pooling": "mean", "max_length": 128, "base_model": "tiny-encoder", "lora": False, "head": apm_model.HEAD}  # fmt: skip
+    models.save_model(backbone, tokenizer, folder, apm_model.META, meta)
+    save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(folder / apm_model.HEAD))
     return folder
 
 

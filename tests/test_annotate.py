@@ -13,7 +13,7 @@ import time
 import pytest
 import yaml
 
-from steerlm import annotate, apm, cli, pipeline
+from steerlm import annotate, apm, apm_model, cli, pipeline
 from steerlm import config as config_lib
 from steerlm.attributes import AttributeSchema
 from steerlm.data.records import Record, Turn, read_records, write_records
@@ -60,9 +60,9 @@ def test_annotate_records_keeps_order_and_human_labels(work, tmp_path):
                 assert SCHEMA.parse(ta.label)  # a full attribute string of rounded predictions
                 assert "gt_label" in ta.extra and ta.extra["gt_label"] == tb.label  # the human label (or null)
     # the batched, chunked labels are what scoring each conversation on its own gives
-    scorer = apm.load_apm(work / "apm")
+    scorer = apm_model.load_apm(work / "apm")
     for record in after[:5]:
-        for i, example in apm.assistant_prefixes(record):
+        for i, example in apm_model.assistant_prefixes(record):
             pred = scorer.predict([example], batch_size=1)[0]
             assert scorer.label(pred, calibrated=True) == record.conversations[i].label
 
@@ -151,7 +151,7 @@ def test_annotate_resumes_after_a_kill(work, tmp_path):
 
 
 def test_annotate_calibrates_labels_and_says_so(work, tmp_path):
-    scorer = apm.load_apm(work / "apm")
+    scorer = apm_model.load_apm(work / "apm")
     assert scorer.calibration  # train-apm stored a quantile map from its validation predictions
     source = work / "all.jsonl"
     calibrated, rounded = tmp_path / "cal.jsonl", tmp_path / "round.jsonl"
@@ -167,7 +167,7 @@ def test_annotate_calibrates_labels_and_says_so(work, tmp_path):
     assert meta["label_counts"]["quality"] == [sum(x["quality"] == lv for x in cal) for lv in range(SCHEMA.levels)]
     # the order of the APM's predictions is kept: a higher rounded level never gets a lower calibrated one
     qmap = scorer.calibration["quality"]
-    preds = scorer.predict([e for r in read_records(source) for _, e in apm.assistant_prefixes(r)])
+    preds = scorer.predict([e for r in read_records(source) for _, e in apm_model.assistant_prefixes(r)])
     assert [qmap(p["quality"]) for p in preds] == [x["quality"] for x in cal]
     for a, b in zip(preds, preds[1:], strict=False):
         if a["quality"] < b["quality"]:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from steerlm import apm, apm_eval, cli, heads, metrics, models, train
+from steerlm import apm, apm_eval, apm_model, cli, heads, metrics, models, train
 from steerlm import config as config_lib
 from steerlm.attributes import AttributeSchema
 from steerlm.data.records import Record, Turn, read_records, write_records
@@ -64,8 +64,8 @@ def _assert_in_range(preds, n, schema):
 def test_regression_apm_trains_saves_and_reloads(data_dir, tmp_path, monkeypatch):
     out = tmp_path / "apm"
     summary, model = _train(monkeypatch, _cfg(data_dir, out, model="tiny-encoder"))
-    best = out / apm.BEST
-    meta = json.loads((best / apm.META).read_text())
+    best = out / apm_model.BEST
+    meta = json.loads((best / apm_model.META).read_text())
     # the defaults: [CLS] context [SEP] response [SEP], the pooler, the length input, levels predicted directly
     assert meta["kind"] == "regression" and meta["backbone"] == "encoder" and meta["pooling"] == "cls"
     assert meta["input"] == "pair" and meta["length_feature"] is True and meta["scale"] == "levels"
@@ -80,19 +80,19 @@ def test_regression_apm_trains_saves_and_reloads(data_dir, tmp_path, monkeypatch
     for (name, before), after in zip(initial.named_parameters(), trained_backbone.parameters(), strict=True):
         assert not torch.equal(before, after.cpu()), name
     # a length-input APM is the backbone plus apm_head.safetensors (no transformers class takes a length input)
-    head = load_file(str(best / apm.HEAD))
+    head = load_file(str(best / apm_model.HEAD))
     assert head["weight"].shape[1] == initial.config.hidden_size + 1
     start_bias = torch.tensor([meta["train_means"][n] for n in meta["attributes"]["names"]])
     assert not torch.allclose(head["bias"], start_bias)
 
     # the folder loads back (by the run folder or by best/) and predicts exactly what the trained model predicts
     records = read_records(data_dir / "val.jsonl")
-    loaded = apm.load_apm(out)
-    in_memory = apm.APM(model.eval(), loaded.tokenizer, meta)
+    loaded = apm_model.load_apm(out)
+    in_memory = apm_model.APM(model.eval(), loaded.tokenizer, meta)
     preds = loaded.predict(records, batch_size=3)
     _assert_in_range(preds, len(records), loaded.schema)
     assert all(set(p) == set(loaded.schema.names) for p in preds)
-    for a, b in zip(preds, apm.load_apm(best).predict(records, batch_size=5), strict=True):
+    for a, b in zip(preds, apm_model.load_apm(best).predict(records, batch_size=5), strict=True):
         assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-4 for k in a)  # other padding: float noise
     for a, b in zip(preds, in_memory.predict(records), strict=True):
         assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-4 for k in a)
@@ -107,7 +107,7 @@ def test_regression_apm_trains_saves_and_reloads(data_dir, tmp_path, monkeypatch
 def test_causal_regression_apm_reads_last_token(data_dir, tmp_path, monkeypatch):
     out = tmp_path / "apm"
     _train(monkeypatch, _cfg(data_dir, out, model="tiny-lm", attributes=["quality", "humor"]))
-    loaded = apm.load_apm(out)
+    loaded = apm_model.load_apm(out)
     assert loaded.backbone == "causal" and loaded.meta["pooling"] == "last"
     assert loaded.schema.names == ("quality", "humor")
     preds = loaded.predict([("Tell me a joke.", "Why did the chicken cross the road?")] * 2)
@@ -121,7 +121,7 @@ def test_length_feature_and_head_lr(data_dir, tmp_path, monkeypatch):
     cfg = config_lib.build(apm.Config, {"data": str(data_dir), "out": str(out), "train": train_args,
                                         "model": "tiny-encoder", "length_feature": True})  # fmt: skip
     _, model = _train(monkeypatch, cfg)
-    head = load_file(str(out / apm.BEST / apm.HEAD))
+    head = load_file(str(out / apm_model.BEST / apm_model.HEAD))
     hidden = models.tiny_encoder(0)[0].config.hidden_size
     assert head["weight"].shape[1] == hidden + 1  # the length input
     # the head moved at head_lr (from zero weights) while the backbone, at lr 1e-9, barely did
@@ -129,7 +129,7 @@ def test_length_feature_and_head_lr(data_dir, tmp_path, monkeypatch):
     initial = dict(models.tiny_encoder(0)[0].named_parameters())
     for name, p in model.backbone.named_parameters():
         assert torch.allclose(p.detach().cpu(), initial[name], atol=1e-6), name
-    loaded = apm.load_apm(out)
+    loaded = apm_model.load_apm(out)
     assert loaded.meta["length_feature"] is True
     short, long = loaded.predict([("Explain tides.", "Gravity."), ("Explain tides.", "Gravity. " * 60)])
     assert len(short) == len(long) == len(loaded.schema.names)
@@ -138,8 +138,8 @@ def test_length_feature_and_head_lr(data_dir, tmp_path, monkeypatch):
 def test_generative_apm_trains_saves_and_reloads(data_dir, tmp_path, monkeypatch):
     out = tmp_path / "apm"
     summary, model = _train(monkeypatch, _cfg(data_dir, out, model="tiny-lm", kind="generative"))
-    best = out / apm.BEST
-    meta = json.loads((best / apm.META).read_text())
+    best = out / apm_model.BEST
+    meta = json.loads((best / apm_model.META).read_text())
     assert meta["kind"] == "generative" and meta["template"] == "nemo"
     initial, _ = models.tiny_causal_lm(0)
     trained = models.load_causal_lm(str(best))[0]
@@ -147,13 +147,13 @@ def test_generative_apm_trains_saves_and_reloads(data_dir, tmp_path, monkeypatch
         assert not torch.equal(before, after.cpu()), name
 
     records = read_records(data_dir / "val.jsonl")
-    loaded = apm.load_apm(out)
+    loaded = apm_model.load_apm(out)
     preds = loaded.predict(records, batch_size=4)
     _assert_in_range(preds, len(records), loaded.schema)
     # a random tiny LM mostly emits unparseable strings: each one is counted, and its prediction is empty
     assert loaded.parse_failures == sum(not p for p in preds)
     assert all(float(v).is_integer() for p in preds for v in p.values())
-    in_memory = apm.APM(model.eval(), loaded.tokenizer, meta)
+    in_memory = apm_model.APM(model.eval(), loaded.tokenizer, meta)
     assert in_memory.predict(records, batch_size=4) == preds
     assert summary["val_parse_failures"] >= 0
 
@@ -164,7 +164,7 @@ def test_train_apm_cli_with_builtin_tiny_model(data_dir, tmp_path, capsys):
             "--train.batch_size=4", "--attributes=quality,helpfulness", "--pooling=response"]  # fmt: skip
     assert cli.run(argv) == 0
     assert "train-apm: 2 steps" in capsys.readouterr().out
-    loaded = apm.load_apm(out)
+    loaded = apm_model.load_apm(out)
     assert loaded.schema.names == ("quality", "helpfulness") and loaded.meta["pooling"] == "response"
     _assert_in_range(loaded.predict(read_records(data_dir / "val.jsonl")), 8, loaded.schema)
     # an existing output needs --overwrite or --resume
@@ -178,7 +178,7 @@ def test_train_apm_cli_with_builtin_tiny_model(data_dir, tmp_path, capsys):
 def test_generative_parser_is_strict():
     meta = {"kind": "generative", "attributes": {"names": ["quality", "humor"], "levels": 10}, "backbone": "causal",
             "max_length": 64}  # fmt: skip
-    scorer = apm.APM(None, None, meta)
+    scorer = apm_model.APM(None, None, meta)
     assert scorer._parse("quality:7,humor:2\n<extra_id_1>") == {"quality": 7.0, "humor": 2.0}
     assert scorer._parse("humor:3<extra_id_1>") == {"humor": 3.0}
     broken = ["quality:12", "quality:x,humor:1", "quality:1,quality:2", "toxicity:1", "quality 7", "", "\n",
@@ -201,7 +201,7 @@ def test_plain_text_is_truncated_from_the_left_and_the_response_is_pooled():
     turns = [Turn("User", "a long question " * 50), Turn("Assistant", "The answer is Paris.")]
     text = heads.plain_text(turns)
     assert text.startswith("User: a long") and text.endswith("\n\nAssistant: The answer is Paris.")
-    ids, masks, types, lengths = apm.regression_inputs([apm.Example("", turns)], "encoder", tokenizer, 16)
+    ids, masks, types, lengths = apm_model.regression_inputs([apm_model.Example("", turns)], "encoder", tokenizer, 16)
     assert types is None and lengths is None  # plain input: no segments, the length is what the input holds
     assert len(ids[0]) == len(masks[0]) == 16
     assert tokenizer.decode(ids[0], skip_special_tokens=True).endswith("The answer is Paris.")
@@ -211,7 +211,7 @@ def test_plain_text_is_truncated_from_the_left_and_the_response_is_pooled():
 
 
 def test_read_examples_one_per_labelled_turn(data_dir):
-    examples = apm.read_examples(data_dir / "train.jsonl", SCHEMA)
+    examples = apm_model.read_examples(data_dir / "train.jsonl", SCHEMA)
     records = read_records(data_dir / "train.jsonl")
     ids = {t.extra["message_id"] for r in records for t in r.assistant_turns if t.label}
     assert len(examples) == len(ids)  # shared prefixes of one tree counted once
@@ -238,7 +238,7 @@ def test_bad_inputs_are_clear_errors(data_dir, tmp_path):
         apm.main(_cfg(bad, tmp_path / "out", model="tiny-encoder"))
 
     with pytest.raises(UserError, match="missing steerlm_apm.json"):
-        apm.load_apm(bad)
+        apm_model.load_apm(bad)
     (bad / "val.jsonl").unlink()
     with pytest.raises(UserError, match="missing val.jsonl"):
         apm.main(_cfg(bad, tmp_path / "out2", model="tiny-encoder"))
@@ -266,7 +266,7 @@ def test_eval_apm_writes_table_json_and_plot(data_dir, tmp_path, capsys):
     assert (out / "eval" / apm_eval.PLOT).stat().st_size > 1000
     quality = report["attributes"]["quality"]
     assert quality["apm"]["n"] == quality["baseline"]["n"] > 0
-    means = json.loads((out / "best" / apm.META).read_text())["train_means"]
+    means = json.loads((out / "best" / apm_model.META).read_text())["train_means"]
     assert quality["train_mean"] == means["quality"] and quality["baseline"]["spearman"] is None
     assert not math.isnan(quality["apm"]["mae"])
     assert cli.run(["eval-apm", f"--apm={out}", f"--data={data_dir / 'val.jsonl'}"]) == 2  # exists: --overwrite
@@ -277,16 +277,16 @@ def test_eval_apm_writes_table_json_and_plot(data_dir, tmp_path, capsys):
 
 def test_calibration_preserves_order_and_maps_the_training_labels_onto_their_own_distribution(data_dir):
     labels = [
-        e.levels["quality"] for e in apm.read_examples(data_dir / "train.jsonl", SCHEMA) if "quality" in e.levels
+        e.levels["quality"] for e in apm_model.read_examples(data_dir / "train.jsonl", SCHEMA) if "quality" in e.levels
     ]
     counts = [labels.count(level) for level in range(SCHEMA.levels)]
     # the training labels themselves, as reference, map onto themselves: the calibration of a perfect APM is a no-op
-    identity = apm.QuantileMap([float(x) for x in labels], counts)
+    identity = apm_model.QuantileMap([float(x) for x in labels], counts)
     assert [identity(float(x)) for x in labels] == labels
     # predictions squeezed near the mean (what MSE training gives) are spread back over the label distribution
     gen = torch.Generator().manual_seed(0)
     preds = (6.0 + 0.2 * torch.randn(len(labels), generator=gen)).tolist()
-    qmap = apm.QuantileMap(preds, counts)
+    qmap = apm_model.QuantileMap(preds, counts)
     mapped = [qmap(p) for p in preds]
     assert [mapped.count(level) for level in range(SCHEMA.levels)] == pytest.approx(counts, abs=1)
     assert len(set(mapped)) > len({round(p) for p in preds})
@@ -296,7 +296,7 @@ def test_calibration_preserves_order_and_maps_the_training_labels_onto_their_own
     labelled = [level for level, c in enumerate(counts) if c]
     assert qmap(-100.0) == labelled[0] and qmap(100.0) == labelled[-1]
     with pytest.raises(ValueError):
-        apm.QuantileMap([], counts)
+        apm_model.QuantileMap([], counts)
 
 
 def test_regression_apm_is_a_standard_sequence_classification_folder(data_dir, tmp_path, monkeypatch):
@@ -304,25 +304,25 @@ def test_regression_apm_is_a_standard_sequence_classification_folder(data_dir, t
 
     out = tmp_path / "apm"
     _train(monkeypatch, _cfg(data_dir, out, model="tiny-encoder", pooling="cls", input="pair", length_feature=False))
-    best = out / apm.BEST
+    best = out / apm_model.BEST
     config = json.loads((best / "config.json").read_text())
-    meta = json.loads((best / apm.META).read_text())
+    meta = json.loads((best / apm_model.META).read_text())
     assert config["architectures"] == ["BertForSequenceClassification"] and config["problem_type"] == "regression"
     assert [config["id2label"][str(i)] for i in range(len(config["id2label"]))] == meta["attributes"]["names"]
-    assert meta["layout"] == heads.SEQ_CLS and not (best / apm.HEAD).exists()
+    assert meta["layout"] == heads.SEQ_CLS and not (best / apm_model.HEAD).exists()
     # the calibration map is stored beside, for annotate
     assert set(meta["calibration"]["attributes"]) <= set(meta["attributes"]["names"])
 
     # transformers alone: the tokenizer's own text-pair encoding is the APM's input, the logits are its levels
     seq = AutoModelForSequenceClassification.from_pretrained(str(best)).eval()
     tok = AutoTokenizer.from_pretrained(str(best))
-    loaded = apm.load_apm(out)
+    loaded = apm_model.load_apm(out)
     pairs = [("What is the capital of France?", "Paris."), ("Tell me a joke.", "Why did the chicken cross the road?")]
     ours = loaded.predict(pairs)
     # the context is plain_text of the turns before the response
     contexts = [heads.plain_text([Turn("User", p)]) for p, _ in pairs]
     enc = tok(contexts, [r for _, r in pairs], padding=True, return_token_type_ids=True, return_tensors="pt")
-    ids, _, types, _ = apm.pair_inputs([apm.as_example(p) for p in pairs], loaded.tokenizer, 512, 200)
+    ids, _, types, _ = apm_model.pair_inputs([apm_model.as_example(p) for p in pairs], loaded.tokenizer, 512, 200)
     for i in range(len(pairs)):
         real = enc["attention_mask"][i].bool()
         assert enc["input_ids"][i][real].tolist() == ids[i] and enc["token_type_ids"][i][real].tolist() == types[i]
@@ -346,15 +346,15 @@ def test_old_layout_folder_still_loads(tmp_path):
     torch.nn.init.constant_(head.bias, 0.5)
     meta = {"kind": "regression", "attributes": schema.to_dict(), "template": None, "backbone": "encoder",
             "pooling": "mean", "max_length": 64, "base_model": "tiny-encoder", "lora": False,
-            "text_format": "plain-v1", "head": apm.HEAD, "train_means": {"quality": 4.5, "humor": 2.0}}  # fmt: skip
+            "text_format": "plain-v1", "head": apm_model.HEAD, "train_means": {"quality": 4.5, "humor": 2.0}}  # fmt: skip
     folder = tmp_path / "old"
-    models.save_model(backbone, tok, folder, apm.META, meta)
-    save_file({k: v.detach().contiguous() for k, v in head.state_dict().items()}, str(folder / apm.HEAD))
+    models.save_model(backbone, tok, folder, apm_model.META, meta)
+    save_file({k: v.detach().contiguous() for k, v in head.state_dict().items()}, str(folder / apm_model.HEAD))
 
-    loaded = apm.load_apm(folder)
+    loaded = apm_model.load_apm(folder)
     pair = ("Explain tides.", "The moon's gravity pulls the oceans.")
     pred = loaded.predict([pair])[0]
-    enc = tok(heads.plain_text(apm.as_example(pair).turns), return_tensors="pt", truncation=True, max_length=64)
+    enc = tok(heads.plain_text(apm_model.as_example(pair).turns), return_tensors="pt", truncation=True, max_length=64)
     with torch.no_grad():
         hidden = backbone(**enc).last_hidden_state
         expected = (head(hidden.mean(1)) * 9).clamp(0, 9)[0].tolist()
@@ -379,7 +379,7 @@ def test_apm_trains_on_helpsteer2(shared_data, tmp_path, monkeypatch, capsys):
                     "--attributes=helpsteer", "--levels=5", f"--out={data}", "--val_fraction=0.2"]) == 0  # fmt: skip
     out = tmp_path / "apm"
     _train(monkeypatch, _cfg(data, out, model="tiny-encoder", attributes=["helpsteer"]))
-    loaded = apm.load_apm(out)
+    loaded = apm_model.load_apm(out)
     assert loaded.schema.names == ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
     assert loaded.schema.levels == 5  # from the data folder
     preds = loaded.predict(read_records(data / "val.jsonl"))

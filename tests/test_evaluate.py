@@ -118,14 +118,14 @@ def _scripted_setup(tmp_path: Path, n_prompts: int = 200, **overrides):
 
 def _failing_loaders(monkeypatch) -> evaluate.Loaders:
     """Loaders, and the real loading functions underneath them, that fail when called."""
-    from steerlm import apm, generate, reward
+    from steerlm import apm_model, generate, rm_model
 
     def boom(*args, **kwargs):
         raise AssertionError("a model was loaded")
 
     monkeypatch.setattr(generate.Generator, "load", boom)
-    monkeypatch.setattr(apm, "load_apm", boom)
-    monkeypatch.setattr(reward, "load_rm", boom)
+    monkeypatch.setattr(apm_model, "load_apm", boom)
+    monkeypatch.setattr(rm_model, "load_rm", boom)
     monkeypatch.setattr(models, "load_causal_lm", boom)
     monkeypatch.setattr(models, "load_encoder", boom)
     return evaluate.Loaders(generator=boom, measurer=boom, judge=boom)
@@ -534,7 +534,7 @@ def test_presets_load(preset):
 def _tiny_apm_folder(folder: Path) -> None:
     from safetensors.torch import save_file
 
-    from steerlm.apm import HEAD
+    from steerlm.apm_model import HEAD
     from steerlm.heads import HeadModel
 
     encoder, tokenizer = models.tiny_encoder(seed=3)
@@ -549,7 +549,7 @@ def _tiny_rm_folder(folder: Path) -> None:
     from safetensors.torch import save_file
 
     from steerlm.heads import HeadModel
-    from steerlm.reward import HEAD
+    from steerlm.rm_model import HEAD
 
     encoder, tokenizer = models.tiny_encoder(seed=4)
     head = HeadModel(encoder, 1, "mean").head

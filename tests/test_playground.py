@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from _serve_support import running, steerable_tiny, tiny_apm
 
-from steerlm.apm import load_apm
+from steerlm.apm_model import load_apm
 from steerlm.generate import Generator
 from steerlm.serve import Config
 

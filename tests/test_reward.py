@@ -10,7 +10,7 @@ from collections import Counter
 import pytest
 import torch
 
-from steerlm import cli, config, heads, reward
+from steerlm import cli, config, heads, reward, rm_model
 from steerlm.data import hh, invariants, preferences
 from steerlm.data.records import ASSISTANT, USER, Record, Turn, write_records
 from steerlm.errors import UserError
@@ -156,7 +156,7 @@ def test_train_rm_learns_a_preference_and_loads_back(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["best_metrics"]["val_margin"] > summary["untrained"]["val_margin"]
     assert not (out / "checkpoint").exists()
-    rm = reward.load_rm(out)
+    rm = rm_model.load_rm(out)
     good, bad = rm.score(
         [("Can you help me?", "Yes, thank you, here is the answer."), ("Can you help me?", "No. Go away.")]
     )
@@ -188,7 +188,7 @@ def test_causal_backbone_with_lora(tmp_path):
     meta = json.loads((out / "steerlm_rm.json").read_text())
     assert meta["backbone"] == "causal" and meta["pooling"] == "last" and meta["lora"] is True
     assert (out / "adapter_config.json").exists()  # a LoRA reward model is an adapter folder plus the head
-    scores = reward.load_rm(out).score([("Hi", "Hello."), ("Hi", "Go away.")])
+    scores = rm_model.load_rm(out).score([("Hi", "Hello."), ("Hi", "Go away.")])
     assert len(scores) == 2 and all(math.isfinite(s) for s in scores)
 
 
@@ -209,7 +209,7 @@ def _transformers_scores(folder, backbone: str, side: str) -> list[float]:
     texts = [f"User: {p}\n\nAssistant: {r}{eos}" for p, r in PAIRS]
     with torch.no_grad():
         logits = seq(**tok(texts, padding=True, return_tensors="pt")).logits
-    assert logits.shape == (len(PAIRS), 1) and seq.config.id2label == {0: reward.LABEL}
+    assert logits.shape == (len(PAIRS), 1) and seq.config.id2label == {0: rm_model.LABEL}
     return logits[:, 0].tolist()
 
 
@@ -225,11 +225,11 @@ def test_a_causal_reward_model_is_a_standard_sequence_classification_folder(tmp_
     data, val = synthetic(tmp_path / "train.jsonl", 8, 0), synthetic(tmp_path / "val.jsonl", 2, 1)
     reward.main(reward.Config(data=[data], val_data=[val], out=str(out), model=str(tmp_path / "base"),
                               train=reward.RMTrainArgs(max_steps=2, lr=1e-3, batch_size=4, max_length=48)))  # fmt: skip
-    meta = json.loads((out / reward.META).read_text())
+    meta = json.loads((out / rm_model.META).read_text())
     config_json = json.loads((out / "config.json").read_text())
-    assert meta["layout"] == heads.SEQ_CLS and meta["pooling"] == "last" and not (out / reward.HEAD).exists()
+    assert meta["layout"] == heads.SEQ_CLS and meta["pooling"] == "last" and not (out / rm_model.HEAD).exists()
     assert config_json["architectures"] == ["LlamaForSequenceClassification"] and len(config_json["id2label"]) == 1
-    rm = reward.load_rm(out)
+    rm = rm_model.load_rm(out)
     assert rm.tokenizer.pad_token == tok.unk_token and config_json["pad_token_id"] == rm.tokenizer.pad_token_id
     ours = rm.score(PAIRS)
     assert len(set(ours)) == len(PAIRS)
@@ -244,13 +244,13 @@ def test_an_encoder_read_through_its_pooler_is_a_standard_folder_and_mean_poolin
         out = tmp_path / pooling
         reward.main(reward.Config(data=[data], val_data=[val], out=str(out), model="tiny-encoder", pooling=pooling,
                                   train=train))  # fmt: skip
-        meta = json.loads((out / reward.META).read_text())
+        meta = json.loads((out / rm_model.META).read_text())
         if pooling == "mean":  # no transformers class mean-pools: the backbone + head layout
-            assert "layout" not in meta and meta["head"] == reward.HEAD and (out / reward.HEAD).exists()
+            assert "layout" not in meta and meta["head"] == rm_model.HEAD and (out / rm_model.HEAD).exists()
             continue
         assert meta["layout"] == heads.SEQ_CLS
         assert json.loads((out / "config.json").read_text())["architectures"] == ["BertForSequenceClassification"]
-        ours = reward.load_rm(out).score(PAIRS)
+        ours = rm_model.load_rm(out).score(PAIRS)
         assert _transformers_scores(out, "encoder", "right") == pytest.approx(ours, abs=1e-5)
     with pytest.raises(UserError, match="no pooler"):
         reward.main(reward.Config(data=[data], val_data=[val], out=str(tmp_path / "x"), model="tiny-lm",
@@ -269,15 +269,26 @@ def test_a_folder_written_the_old_way_still_loads(tmp_path):
     torch.nn.init.normal_(head.weight, std=0.5)
     torch.nn.init.constant_(head.bias, 0.75)
     meta = {"kind": "reward", "backbone": "encoder", "pooling": "mean", "max_length": 64, "base_model": "tiny-encoder",
-            "lora": False, "text_format": "plain-v1", "head": reward.HEAD}  # fmt: skip
-    models.save_model(backbone, tok, tmp_path / "old", reward.META, meta)
-    save_file({k: v.detach().contiguous() for k, v in head.state_dict().items()}, str(tmp_path / "old" / reward.HEAD))
+            "lora": False, "text_format": "plain-v1", "head": rm_model.HEAD}  # fmt: skip
+    models.save_model(backbone, tok, tmp_path / "old", rm_model.META, meta)
+    save_file(
+        {k: v.detach().contiguous() for k, v in head.state_dict().items()}, str(tmp_path / "old" / rm_model.HEAD)
+    )
 
-    ours = reward.load_rm(tmp_path / "old").score(PAIRS[:1])[0]
+    rm = rm_model.load_rm(tmp_path / "old")
+    ours = rm.score(PAIRS[:1])[0]
     enc = tok(f"User: {PAIRS[0][0]}\n\nAssistant: {PAIRS[0][1]}", return_tensors="pt")
     with torch.no_grad():
         expected = float(head(backbone(**enc).last_hidden_state.mean(1))[0, 0])
     assert ours == pytest.approx(expected, abs=1e-5)
+    # the items the APM scores (`heads.scored_conversation`): scored at the last answer, later turns ignored
+    turns = [Turn(USER, PAIRS[0][0]), Turn(ASSISTANT, PAIRS[0][1])]
+    record = Record([*turns, Turn(USER, "And then?")])
+    assert rm.score([turns, record, record.to_json()]) == pytest.approx([ours] * 3, abs=1e-6)
+    with pytest.raises(UserError, match="no Assistant turn"):
+        rm.score([Record([Turn(USER, "Hi")])])
+    with pytest.raises(TypeError, match="cannot score int"):
+        rm.score([3])
 
 
 def test_a_tokenizer_with_nothing_but_eos_to_pad_with_gets_a_pad_token():
@@ -327,7 +338,7 @@ def test_truncation_keeps_the_answers_and_cuts_the_shared_context_first(tmp_path
         text_c, text_r = tok.decode(chosen, skip_special_tokens=True), tok.decode(rejected, skip_special_tokens=True)
         assert "Yes." in text_c and "No." in text_r and "Is it ok" not in text_c
     # an ordinary pair that fits is tokenized exactly as before
-    text = reward.rm_text(comps[3].conversation(0).conversations, "encoder", tok)
+    text = rm_model.rm_text(comps[3].conversation(0).conversations, "encoder", tok)
     assert rows[3]["input_ids"][0] == heads.tokenize_left(tok, [text], 32)[0]
 
 
@@ -361,10 +372,10 @@ def test_train_rm_on_the_issue_input_keeps_every_pair_distinct(tmp_path):
     assert counts["train:pairs.jsonl"]["train_pairs"] == 6 and counts["val:pairs.jsonl"]["val_pairs"] == 6
     assert invariants.IDENTICAL not in counts["val:pairs.jsonl"]
     # No held-out pair is a tie any more: each has a margin that is not float noise.
-    rm = reward.load_rm(tmp_path / "rm")
+    rm = rm_model.load_rm(tmp_path / "rm")
     comps = preferences.comparisons_from_hh(hh.read_pairs(data))
     rows = reward.encode_comparisons(comps, "encoder", rm.tokenizer, 32)
-    scores = reward.score_ids(rm.model, [ids for r in rows for ids in r["input_ids"]], rm.tokenizer.pad_token_id, 16)
+    scores = rm_model.score_ids(rm.model, [ids for r in rows for ids in r["input_ids"]], rm.tokenizer.pad_token_id, 16)
     assert all(abs(scores[2 * i] - scores[2 * i + 1]) > 1e-4 for i in range(6))
 
 
@@ -387,23 +398,8 @@ def test_answers_that_read_the_same_to_the_reward_model_tie_exactly(tmp_path):
     out = tmp_path / "rm"
     reward.main(reward.Config(data=[yes_no_pairs(tmp_path / "p.jsonl")], out=str(out), model="tiny-encoder",
                               val_fraction=0.5, train=reward.RMTrainArgs(max_steps=1, max_length=24)))  # fmt: skip
-    rm = reward.load_rm(out)
+    rm = rm_model.load_rm(out)
     a, b = "Yes. " + SHARED_ENDING, "No. " + SHARED_ENDING  # differ only where a 24-token window cannot see
     others = [("Hi", "x " * n) for n in range(1, 12)]
     scores = rm.score([("Is it ok?", a), *others, ("Is it ok?", b)], batch_size=3)
     assert scores[0] == scores[-1] and outcome(scores[0], scores[-1]) == 0.5
-
-
-def test_the_reward_and_apm_stages_do_not_import_each_other():
-    """What they share (the model, its text and folder layouts) lives in `heads`, a shared module."""
-    import ast
-    import inspect
-
-    from steerlm import apm
-
-    for module, other in ((reward, "steerlm.apm"), (apm, "steerlm.reward")):
-        tree = ast.parse(inspect.getsource(module))
-        imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-        imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-        imported |= {f"{n.module}.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
-        assert other not in imported and "steerlm.heads" in imported

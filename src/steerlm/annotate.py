@@ -6,7 +6,7 @@
 
 Input: any conversation records file (SPEC §2), or HH-RLHF `{chosen, rejected}` transcripts (each pair gives its
 chosen and its rejected conversation, in that order). Each assistant turn's `label` becomes the attribute string
-of the APM's predictions, quantile-mapped onto the training label distribution (`apm.QuantileMap`; `--calibrate
+of the APM's predictions, quantile-mapped onto the training label distribution (`apm_model.QuantileMap`; `--calibrate
 false` rounds them instead, which collapses most labels onto the training mean); the label it replaces (the human one, or null) is kept beside it as
 `gt_label`, unless the turn already has a `gt_label` (re-annotating an annotated file keeps the human one). Output order is
 input order. Conversations are scored in length-sorted batches, and a conversation prefix shared by several
@@ -29,7 +29,7 @@ from typing import Literal
 
 from tqdm.auto import tqdm
 
-from steerlm.apm import APM, assistant_prefixes, load_apm
+from steerlm.apm_model import APM, assistant_prefixes, load_apm
 from steerlm.data import formats, hh
 from steerlm.data.records import Record, record_from_json
 from steerlm.errors import UserError

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from steerlm.apm import BEST, agreement, apm_folder, format_table, load_apm, read_examples
+from steerlm.apm_model import BEST, agreement, apm_folder, format_table, load_apm, read_examples
 from steerlm.errors import UserError
 from steerlm.io import write_json
 

@@ -187,6 +187,7 @@ def quality_report(records: list[Record], schema: AttributeSchema, out: Path) ->
 
 def finetune(cfg: Config, records_file: Path, out: Path) -> dict:
     """The second SFT round: the SFT model trained further on the bootstrapped records."""
+    # bootstrap is an orchestrator (sample, re-annotate, fine-tune): it runs the sft stage through its Config and main
     from steerlm import sft
 
     settings = {**cfg.sft, "model": cfg.model, "data": str(records_file), "out": str(out / "sft")}
@@ -196,7 +197,7 @@ def finetune(cfg: Config, records_file: Path, out: Path) -> dict:
 
 
 def main(cfg: Config) -> dict:
-    from steerlm.apm import load_apm
+    from steerlm.apm_model import load_apm
     from steerlm.generate import Generator
 
     out = Path(cfg.out)

@@ -319,7 +319,7 @@ def load_generator(spec: ModelSpec, cfg: Config):
 
 def load_measurer(path: str):
     """The APM that measures steered answers (anything with `.predict(records, batch_size)` and `.schema`)."""
-    from steerlm.apm import load_apm
+    from steerlm.apm_model import load_apm
 
     return load_apm(path)
 

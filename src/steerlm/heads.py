@@ -1,7 +1,7 @@
 """A backbone read out by a linear head: the regression APM (one output per attribute, SPEC §5.1) and the reward
 model (one output, r(x, y), SPEC §6) are both this model, so it and what surrounds it are defined here once and
-neither stage imports the other: the text they read (`plain_text`), the kind of backbone, the model (`HeadModel`)
-and the two layouts of its folder (docs/apm.md, docs/rlhf.md):
+neither stage imports the other: what they score and the text they read (`scored_conversation`, `plain_text`),
+the kind of backbone, the model (`HeadModel`) and the two layouts of its folder (docs/apm.md, docs/rlhf.md):
 
 - **standard** (`layout: sequence-classification`): where the model is exactly a transformers
   `*ForSequenceClassification` (an encoder read through its pooler, as `BertForSequenceClassification`; a causal LM
@@ -9,6 +9,9 @@ and the two layouts of its folder (docs/apm.md, docs/rlhf.md):
   `AutoModelForSequenceClassification` alone computes the same outputs;
 - **backbone + head**: everything else (mean or response pooling, the length input, LoRA): the backbone folder
   (`AutoModel`, or a LoRA adapter) and the head's weight and bias in a safetensors file.
+
+What each loaded model adds on top (its folder's names, `load_apm` / `load_rm`, predicting and scoring) is in
+`apm_model.py` and `rm_model.py`, which the stages that use the models import.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -24,7 +28,7 @@ from transformers import AutoModelForSequenceClassification
 from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
 
 from steerlm import models
-from steerlm.data.records import Turn
+from steerlm.data.records import ASSISTANT, DEFAULT_SYSTEM, USER, Record, Turn, record_from_json
 from steerlm.errors import UserError
 
 #: Version tag of `plain_text` (and of the final EOS of a causal backbone) stored in model folders, so that a changed
@@ -43,6 +47,30 @@ def plain_text(turns: Sequence[Turn]) -> str:
     """The conversation as a head model reads it: `User: ...` / `Assistant: ...` blocks separated by a blank line
     (the system prompt is left out: it is the same boilerplate in every record)."""
     return "\n\n".join(f"{t.role}: {t.value}" for t in turns)
+
+
+def scored_conversation(item: Any) -> tuple[str, list[Turn]]:
+    """(system prompt, turns up to and including the scored answer) of what a head model scores: a Record or a JSON
+    record (scored at its last assistant turn; later turns are ignored), a list of Turns ending with the answer, or
+    a `(prompt, response)` pair of strings (with the default system prompt). Another type is a TypeError; a
+    conversation without an assistant turn is a UserError."""
+    if isinstance(item, dict):
+        item = record_from_json(item)
+    if isinstance(item, tuple) and len(item) == 2 and all(isinstance(x, str) for x in item):
+        return DEFAULT_SYSTEM, [Turn(USER, item[0]), Turn(ASSISTANT, item[1])]
+    system = DEFAULT_SYSTEM
+    if isinstance(item, Record):
+        system, turns = item.system, item.conversations
+    elif isinstance(item, list) and all(isinstance(t, Turn) for t in item):
+        turns = item
+    else:
+        raise TypeError(
+            f"cannot score {type(item).__name__}; expected a Record, a list of Turns or (prompt, response)"
+        )
+    last = max((i for i, t in enumerate(turns) if t.role == ASSISTANT), default=None)
+    if last is None:
+        raise UserError("the conversation has no Assistant turn to score", field="conversations")
+    return system, turns[: last + 1]
 
 
 def text_end(backbone: str, tokenizer) -> str:

@@ -95,6 +95,8 @@ def _build(module, section: dict, fixed: dict, name: str):
 
 
 def main(cfg: Config) -> dict:
+    # The pipeline is an orchestrator: it runs these stages (their Config and main), so it alone, with rlhf and
+    # bootstrap, may import stage modules (tests/test_architecture.py); imported here so `--help` stays fast.
     from steerlm import annotate, apm, bootstrap, prepare, sft
 
     out = Path(cfg.out)
@@ -186,8 +188,8 @@ class HHStage:
 def add_hh_rlhf(cfg: Config, apm_model: str, ann_dir: Path, out: Path, ann_cfg) -> dict:
     """Label the HH-RLHF answers of `cfg.hh_rlhf` with the APM (calibrated as `annotate` is configured) and write
     `out/train.jsonl` = the annotated training records + them, `out/val.jsonl` = the annotated validation records."""
-    from steerlm import annotate
-    from steerlm.apm import load_apm
+    from steerlm import annotate  # orchestrator: annotate's labelling, as its stage runs it
+    from steerlm.apm_model import load_apm
     from steerlm.data.records import read_records, write_records
 
     apm = load_apm(apm_model)
@@ -217,7 +219,7 @@ def _local_files(entries: list[str | list[str]]) -> list[str]:
 def _read_hh(entry: str | list[str]) -> tuple[str, list, int]:
     """(source used, records, invalid lines skipped) of the first candidate of an `hh_rlhf` entry that exists (a
     file) and reads, or loads (a hub id): `formats.first_usable`, any candidate's failure giving way to the next."""
-    from steerlm import annotate
+    from steerlm import annotate  # orchestrator: annotate's reader, as its stage reads HH-RLHF
     from steerlm.data import formats
 
     candidates = [entry] if isinstance(entry, str) else entry
@@ -256,8 +258,8 @@ def run_check(model: str, apm_model: str, data_dir: Path, check: CheckArgs, out:
     one prompt's answers at the lowest and highest verbosity, and the model's own read-out from its SFT summary."""
     import json
 
-    from steerlm.apm import load_apm
-    from steerlm.bootstrap import training_prompts
+    from steerlm.apm_model import load_apm
+    from steerlm.bootstrap import training_prompts  # orchestrator: the prompts bootstrap samples
     from steerlm.conditioning import format_readout
     from steerlm.data.records import read_records
     from steerlm.generate import Generator, SamplingArgs

@@ -347,7 +347,7 @@ def evaluate_tokens(model: nn.Module, batch: Batch, value_head: ValueHead | None
 def load_reward(cfg: Config, device) -> tuple[RewardFn, str]:
     """The reward source: a reward-model folder, or a scripted `module:function`."""
     if cfg.reward_model:
-        from steerlm.reward import load_rm
+        from steerlm.rm_model import load_rm
 
         rm = load_rm(cfg.reward_model, device=device)
 

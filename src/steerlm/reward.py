@@ -16,7 +16,7 @@ are split by OASST tree / HH pair; the pairwise accuracy and reward margin on th
 The output folder is a model folder: a standard transformers `*ForSequenceClassification` folder with one label
 where one computes the same score (a causal LM read at its last token, an encoder read through its pooler), else
 the backbone + `reward_head.safetensors` (`heads.save`); and `steerlm_rm.json`. `load_rm(path).score(records)`
-gives one float per conversation, scored at its last answer.
+(`steerlm/rm_model.py`) gives one float per conversation, scored at its last answer.
 """
 
 from __future__ import annotations
@@ -26,14 +26,12 @@ import random
 import shutil
 import time
 from collections import Counter, defaultdict
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from steerlm import config as config_lib
 from steerlm import heads, models, train
@@ -41,17 +39,12 @@ from steerlm.config import TrainArgs
 from steerlm.data import invariants, preferences
 from steerlm.data.collate import pad
 from steerlm.data.preferences import Comparisons
-from steerlm.data.records import ASSISTANT, Record, Turn, record_from_json
 from steerlm.errors import UserError
 from steerlm.io import write_json
 from steerlm.losses import pairwise_loss
+from steerlm.rm_model import HEAD, LABEL, META, rm_text, score_ids
 
 POSITIONAL = "data"
-META = "steerlm_rm.json"
-#: The head's file in the backbone + head layout (`heads.save`).
-HEAD = "reward_head.safetensors"
-#: The one label of a standard reward-model folder (`id2label`).
-LABEL = "reward"
 
 
 @dataclass
@@ -166,91 +159,6 @@ def read_comparisons(cfg: Config) -> tuple[list[Comparisons], list[Comparisons],
             **{k: v for k, v in stats.items() if k in ("invalid", "identical")},
         }
     return train_c, val_c, counts
-
-
-# ---------------------------------------------------------------- the model
-
-
-def rm_text(turns: Sequence[Turn], backbone: str, tokenizer) -> str:
-    """What the reward model reads: the plain conversation (as the regression APM), ended by EOS on a causal
-    backbone so that the read-out token is the same whatever the answer's last word (`heads.text_end`)."""
-    return heads.plain_text(turns) + heads.text_end(backbone, tokenizer)
-
-
-def score_ids(
-    model: heads.HeadModel, ids: list[list[int]], pad_id: int, batch_size: int, progress: bool = False
-) -> list[float]:
-    """Scores of tokenized conversations, in length-sorted batches (little padding), returned in input order.
-
-    Each distinct token sequence is scored once, so inputs that read the same to the model (two answers identical
-    after tokenization and truncation) get exactly the same score, a tie, not one decided by the float noise of
-    where they fell in a batch."""
-    dev = next(model.parameters()).device
-    distinct: dict[tuple[int, ...], int] = {}
-    where = [distinct.setdefault(tuple(s), len(distinct)) for s in ids]
-    unique = list(distinct)
-    order = sorted(range(len(unique)), key=lambda i: len(unique[i]))
-    scores = [0.0] * len(unique)
-    with torch.inference_mode():
-        for start in tqdm(range(0, len(order), batch_size), desc="score", disable=not progress, leave=False):
-            chunk = order[start : start + batch_size]
-            rows = [list(unique[i]) for i in chunk]
-            x, mask = pad(rows, pad_id).to(dev), pad([[1] * len(r) for r in rows], 0).to(dev)
-            for i, r in zip(chunk, model(x, mask)[:, 0].float().cpu().tolist(), strict=True):
-                scores[i] = r
-    return [scores[k] for k in where]
-
-
-class RewardScorer:
-    """A trained reward model loaded back: `score(items)` gives one float per conversation."""
-
-    def __init__(self, model: heads.HeadModel, tokenizer, meta: dict, path: str | None = None):
-        self.model, self.tokenizer, self.meta, self.path = model, tokenizer, meta, path
-        self.backbone, self.max_length = meta["backbone"], int(meta["max_length"])
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    def score(self, items: Sequence[Any], batch_size: int = 16, progress: bool = False) -> list[float]:
-        """r(x, y) for each item: a Record or JSON record (scored at its last assistant turn; later turns are
-        ignored), or a `(prompt, response)` pair of strings."""
-        texts = [rm_text(_turns(x), self.backbone, self.tokenizer) for x in items]
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            return score_ids(self.model, heads.tokenize_left(self.tokenizer, texts, self.max_length),
-                             self.tokenizer.pad_token_id, batch_size, progress)  # fmt: skip
-        finally:
-            self.model.train(was_training)
-
-
-def _turns(item: Any) -> list[Turn]:
-    if isinstance(item, tuple) and len(item) == 2 and all(isinstance(x, str) for x in item):
-        return [Turn("User", item[0]), Turn(ASSISTANT, item[1])]
-    if isinstance(item, dict):
-        item = record_from_json(item)
-    if not isinstance(item, Record):
-        raise TypeError(f"cannot score {type(item).__name__}; expected a Record or (prompt, response)")
-    last = max((i for i, t in enumerate(item.conversations) if t.role == ASSISTANT), default=None)
-    if last is None:
-        raise UserError("the conversation has no Assistant turn to score", field="conversations")
-    return item.conversations[: last + 1]
-
-
-def load_rm(path: str | Path, *, device: torch.device | None = None) -> RewardScorer:
-    """Load a folder written by `steerlm train-rm`, in either layout (`heads.load`; the model is the folder itself,
-    a `best/` inside it is accepted too, as other stages lay out theirs); a folder without steerlm_rm.json is a
-    UserError."""
-    path = Path(path)
-    if not (path / META).exists() and (path / "best" / META).exists():
-        path = path / "best"
-    meta = models.read_meta(path, META)
-    for key in ("backbone", "pooling", "max_length"):
-        if key not in meta:
-            raise UserError(f"missing key {key!r}", file=str(path / META))
-    model, tokenizer = heads.load(path, meta, HEAD, device or models.device())
-    return RewardScorer(model, tokenizer, meta, str(path))
 
 
 # ---------------------------------------------------------------- training pieces

@@ -208,6 +208,7 @@ def _ppo_metric(r: dict) -> str:
 
 
 def main(cfg: Config) -> dict:
+    # rlhf is an orchestrator: it runs these stages (their Config and main), the one reason to import stage modules
     from steerlm import ppo, reward, sft
 
     out = Path(cfg.out)

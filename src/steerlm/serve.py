@@ -848,7 +848,7 @@ def _parse(model_cls, raw: bytes):
 
 def create_app(cfg: Config | str, *, generator=None, apm=None):
     """The ASGI app. `cfg` may be a Config or just a model name/folder; pass an already loaded `generator` (a
-    `generate.Generator`) and `apm` (from `apm.load_apm`) to skip loading them (tests share one model)."""
+    `generate.Generator`) and `apm` (from `apm_model.load_apm`) to skip loading them (tests share one model)."""
     if isinstance(cfg, str):
         cfg = Config(model=cfg)
     if generator is None:
@@ -858,7 +858,7 @@ def create_app(cfg: Config | str, *, generator=None, apm=None):
     elif config_lib.unless_auto(cfg.template):
         generator.template = cfg.template
     if apm is None and cfg.apm:
-        from steerlm.apm import load_apm
+        from steerlm.apm_model import load_apm
 
         apm = load_apm(cfg.apm)
     svc = Service(cfg, generator, apm)

@@ -93,7 +93,7 @@ def measure_missing(cfg: Config, jobs: list[Job], cache: Cache, loader: Callable
         return {}
     if not cfg.steerability.apm:
         raise UserError("steerability needs an APM to measure the answers", field="steerability.apm")
-    from steerlm.apm import apm_folder
+    from steerlm.apm_model import apm_folder
 
     path = cfg.steerability.apm
     scorer = f"apm:{path}"

@@ -137,12 +137,12 @@ class OpenAIJudge:
 def load_judge(args: JudgeArgs):
     """A score judge (`.score(records) -> list[float]`) or a pairwise judge (`.compare(items) -> list[dict]`)."""
     if args.kind == "rm":
-        from steerlm.reward import load_rm
+        from steerlm.rm_model import load_rm
 
         rm = load_rm(args.path)
         return ScoreJudge(lambda records: rm.score(records, batch_size=args.batch_size))
     if args.kind == "apm":
-        from steerlm.apm import load_apm
+        from steerlm.apm_model import load_apm
 
         apm = load_apm(args.path)
         if args.attribute not in apm.schema.names:
@@ -168,7 +168,7 @@ def judge_fingerprint(args: JudgeArgs) -> str:
     """What retires a judge's cached rows: its folder's fingerprint, or an endpoint's model name."""
     if args.kind == "openai":
         return args.model
-    from steerlm.apm import apm_folder
+    from steerlm.apm_model import apm_folder
 
     return path_fingerprint(apm_folder(args.path) if args.kind == "apm" else args.path)
 

@@ -112,7 +112,7 @@ def schema_of(info: dict) -> AttributeSchema | None:
 def training_apm(model_path: str) -> Path | None:
     """The APM that labelled a `steerlm pipeline` model's training data: `<run>/apm` when the model sits in a
     pipeline folder (`<run>/sft/best`, `<run>/bootstrap/sft/best`, beside `<run>/annotated`)."""
-    from steerlm.apm import apm_folder
+    from steerlm.apm_model import apm_folder
 
     p = Path(model_path).expanduser()
     if not p.exists():
@@ -149,7 +149,7 @@ def check_measuring_apm(cfg: Config, specs: dict[str, ModelSpec], steer_jobs: li
     """A note for every steered model whose training labels came from the APM that measures it."""
     if not steer_jobs or not Path(cfg.steerability.apm).exists():
         return
-    from steerlm.apm import apm_folder
+    from steerlm.apm_model import apm_folder
 
     measuring = apm_folder(cfg.steerability.apm).resolve()
     for name in dict.fromkeys(j.model for j in steer_jobs):

@@ -182,22 +182,33 @@ def test_sampling_draws_only_from_the_hf_processors_support(top_k, top_p, temper
     assert sample(logits, [greedy_row], eos_ids=[]).item() == int(logits.argmax())
 
 
-def test_attribute_guidance_matches_the_generator(lm, engine):
-    """A guided row decodes its neutral prompt beside it and samples from the mixed logits, as Generator does."""
+@pytest.mark.parametrize("scale", [1.0, 2.0])
+def test_generator_and_the_server_engine_give_the_same_greedy_answers(lm, engine, scale):
+    """One decoding engine: `Generator.generate_full` and rows submitted to the server's worker (built as serve builds
+    them: the template's stop strings, the newline before the end dropped) give the same tokens, text and finish
+    reasons, plain and with attribute guidance against the neutral prompt (a shadow row in the same batch)."""
+    from dataclasses import replace
+
     from steerlm.attributes import AttributeSchema
     from steerlm.generate import Generator
 
     model, tok = lm
-    gen = Generator(model, tok, schema=AttributeSchema(("quality", "humor"), 10), template="nemo",
+    gen = Generator(model, tok, schema=AttributeSchema(("quality", "humor"), 10), template="chat",
                     conditioning="attributes")  # fmt: skip
-    prompts = ["Tell me a joke.", "Hi"]
-    s = SamplingArgs(max_new_tokens=12, min_new_tokens=12, greedy=True, guidance_scale=3.0)
-    expected = gen.generate_full(prompts, {"humor": 9}, s)
-    plain = gen.generate_full(prompts, {"humor": 9}, SamplingArgs(max_new_tokens=12, min_new_tokens=12, greedy=True))
-    rows = [Row(gen.prompt_ids(p, {"humor": 9}), s, Sink()).guide(gen.neutral_ids(p, s)) for p in prompts]
-    rows.insert(1, Row(ids(tok, PROMPTS[3]), greedy(20), Sink()))  # an unguided row in the same batch
+    prompts = ["Tell me a joke.", "Hi", "What is the capital of France?"]
+    s = SamplingArgs(max_new_tokens=16, greedy=True, guidance_scale=scale)
+    expected = gen.generate_full(prompts, {"humor": 9}, s, batch_size=2)
+    if scale != 1.0:  # guidance does change the answers
+        plain = gen.generate_full(prompts, {"humor": 9}, replace(s, guidance_scale=1.0), batch_size=2)
+        assert [e.token_ids for e in expected] != [p.token_ids for p in plain]
+    rows = []
+    for p in prompts:
+        row = Row(gen.prompt_ids(p, {"humor": 9}), replace(s, stop=gen.stop_strings(s)), Sink(), strip_newline=True)
+        rows.append(row.guide(gen.neutral_ids(p, s)) if gen.guided(s) else row)
+    rows.insert(1, Row(ids(tok, PROMPTS[3]), greedy(20), Sink()))  # an unguided stranger in the same batch
     results = run(engine, rows)
-    assert [results[0].token_ids, results[2].token_ids] == [e.token_ids for e in expected]
-    assert [e.token_ids for e in expected] != [p.token_ids for p in plain]  # guidance did change the answers
-    assert results[1].token_ids == hf_greedy(model, tok, PROMPTS[3], 20)
-    assert engine.stats.max_batch == 5 and engine.stats.rows_started == 3
+    assert results.pop(1).token_ids == hf_greedy(model, tok, PROMPTS[3], 20)
+    assert [(r.token_ids, r.text, r.finish_reason) for r in results] == [
+        (e.token_ids, e.text, e.finish_reason) for e in expected
+    ]
+    assert engine.stats.max_batch == (7 if scale != 1.0 else 4) and engine.stats.rows_started == 4

@@ -211,22 +211,21 @@ def test_chat_through_piped_stdin(lm, tmp_path):
 def test_next_tokens_is_the_one_choice_and_keeps_top_k_ties():
     from transformers import TopKLogitsWarper
 
-    from steerlm import batching, generate
+    from steerlm.batching import next_tokens
 
-    assert batching.next_tokens is generate.next_tokens  # the server's loop and Generator's choose alike
     # top-k keeps every token tied with the k-th logit (as transformers), also beyond the 256 topk candidates
     logits = torch.zeros(1, 1000)
     logits[0, :10], logits[0, 10:600] = 5.0, 3.0
     support = set(torch.nonzero(TopKLogitsWarper(20)(None, logits.clone())[0] > float("-inf")).flatten().tolist())
     s = SamplingArgs(temperature=1.0, top_k=20, top_p=1.0)
     n = 2000
-    drawn = generate.next_tokens(logits.repeat(n, 1), [s] * n, [torch.Generator().manual_seed(i) for i in range(n)])
+    drawn = next_tokens(logits.repeat(n, 1), [s] * n, [torch.Generator().manual_seed(i) for i in range(n)])
     assert set(drawn.tolist()) <= support == set(range(600)) and int(drawn.max()) >= 256
     # a row with a generator of its own draws the same whatever its batch mates and their settings
     rows = torch.randn(4, 1000, generator=torch.Generator().manual_seed(0)) * 3
     mates = [SamplingArgs(temperature=1.3, top_k=50, top_p=0.9), SamplingArgs(temperature=0.8, top_k=600),
              SamplingArgs(greedy=True), SamplingArgs(temperature=1.0, top_p=1.0)]  # fmt: skip
-    together = generate.next_tokens(rows, mates, [torch.Generator().manual_seed(5) for _ in mates])
-    alone = [generate.next_tokens(rows[i : i + 1], [m], [torch.Generator().manual_seed(5)]).item()
+    together = next_tokens(rows, mates, [torch.Generator().manual_seed(5) for _ in mates])
+    alone = [next_tokens(rows[i : i + 1], [m], [torch.Generator().manual_seed(5)]).item()
              for i, m in enumerate(mates)]  # fmt: skip
     assert together.tolist() == alone

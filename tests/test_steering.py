@@ -11,9 +11,10 @@ import torch
 
 from steerlm import cli, conditioning, models, prepare, sft, train
 from steerlm.attributes import AttributeSchema, LengthBuckets, word_count
+from steerlm.batching import guide
 from steerlm.data import templates
 from steerlm.data.records import Record, Turn, read_records, write_records
-from steerlm.generate import Generator, SamplingArgs, guidance_mix
+from steerlm.generate import Generator, SamplingArgs
 from steerlm.steerability import ComputedScorer, measure_attribute, measure_verbosity
 
 SCHEMA = AttributeSchema(("quality", "humor"))
@@ -141,9 +142,8 @@ def test_sft_computes_verbosity_when_the_data_lacks_it(prepared, tmp_path):
 def test_guidance_mixing_formula():
     requested = torch.tensor([[1.0, 2.0, 0.0]])
     neutral = torch.tensor([[1.0, 0.0, 0.5]])
-    mixed = guidance_mix(3.0)(torch.stack([requested, neutral]))
-    assert torch.equal(mixed, torch.tensor([[1.0, 6.0, -1.0]]))  # l_n + s * (l_r - l_n)
-    assert torch.equal(guidance_mix(0.0)(torch.stack([requested, neutral])), neutral)
+    assert torch.equal(guide(requested, neutral, 3.0), torch.tensor([[1.0, 6.0, -1.0]]))  # l_n + s * (l_r - l_n)
+    assert torch.equal(guide(requested, neutral, 0.0), neutral)
     with pytest.raises(ValueError, match="guidance_scale"):
         SamplingArgs(guidance_scale=-1)
 

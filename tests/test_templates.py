@@ -94,8 +94,3 @@ def test_truncation_drops_records_without_trainable_tokens(tok):
     examples, dropped = t.encode_all(records, tok, "nemo", max_length=64)
     assert len(examples) == 1 and dropped == {"no trainable tokens after truncation": 1}
     assert all(len(e["input_ids"]) <= 64 for e in examples)
-
-
-def test_clean_answer_drops_stop_and_newline(tok):
-    assert t.clean_answer("Hello\n<extra_id_1>User", "nemo") == "Hello"
-    assert t.clean_answer("Hi<|im_end|>junk", "chat", tok) == "Hi"

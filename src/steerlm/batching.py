@@ -1,40 +1,45 @@
-"""Dynamic (continuous) batching for `steerlm serve`: one background thread decodes many requests together.
+"""The one decoding engine: every answer steerlm generates is decoded by `Engine`, the CLI's `generate` and `chat`,
+bootstrap, evaluation and PPO rollouts (through `generate.Generator`, which runs `Engine.decode` on the calling
+thread) as well as `steerlm serve` (a background thread with continuous batching).
 
 Each answer to produce is a `Row`: prompt token ids, sampling settings (`generate.SamplingArgs`) and a `sink` that
-receives its text as it is generated. Rows wait in a bounded queue. The worker thread takes up to
-`max_batch_size` of them (waiting `batch_wait_s` for a batch to fill), prefills them left-padded in one forward
-pass and decodes them together, one token per row per step, with a KV cache. Between steps:
-- rows that finished (end of sequence, a stop string, their token budget) or were cancelled (the client went away)
-  leave the batch, and their KV-cache rows are dropped, so they cost nothing more;
-- waiting rows join the running batch (their prefill is merged into the cache, left-padded to a common length), so
-  a short request does not wait for a long one to finish.
+receives its text as it is generated. Rows are prefilled left-padded in one forward pass and decoded together, one
+token per row per step, with a KV cache. Between steps, rows that finished (an end token, a stop string, their token
+budget) or were cancelled (the client went away) leave the batch, and their KV-cache rows are dropped, so they cost
+nothing more.
+
+`Engine.decode(rows)` runs those steps for a set of rows to the end on the calling thread (Generator's batches).
+`Engine.start()` runs them on a worker thread for the server: rows wait in a bounded queue; the worker takes up to
+`max_batch_size` of them (waiting `batch_wait_s` for a batch to fill), and waiting rows join the running batch
+between steps (their prefill is merged into the cache, left-padded to a common length), so a short request does not
+wait for a long one to finish.
 
 Every sampling setting (greedy, temperature, top-k, top-p, repetition penalty, seed, stop strings, minimum and
 maximum length, attribute guidance) is applied per row, so any requests can share a batch. A row with attribute
-guidance (`SamplingArgs.guidance_scale` != 1, see `generate.guidance_mix`) brings a shadow row with its neutral
-prompt: both decode in the same batch, the row samples from the mixed logits and the shadow is fed the same token.
-The next token is chosen by `generate.next_tokens`, the same function as `Generator`'s loop (Hugging Face's logits
-processors, in their order: repetition penalty, temperature, top-k, top-p); each row samples from its own seeded
-`torch.Generator`, so a seeded request gives the same answer whatever it is batched with (up to floating-point
-differences of padded batches). Positions are given explicitly per row, so left padding never shifts a row's
-positions.
+guidance (`SamplingArgs.guidance_scale` != 1, `Row.guide`) brings a shadow row with its neutral prompt: both decode
+in the same batch, the row samples from the mixed logits (`guide`) and the shadow is fed the same token. The next
+token is chosen by `next_tokens` (Hugging Face's logits processors, in their order: repetition penalty, temperature,
+top-k, top-p); each row samples from its own `torch.Generator` (seeded: the same answer whatever it is batched with,
+up to floating-point differences of padded batches) or shares one with the rows of its call (Generator's batches).
+Positions are given explicitly per row, so left padding never shifts a row's positions.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import secrets
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import torch
 
 from steerlm.data import templates
-from steerlm.generate import guide, next_tokens
 
 log = logging.getLogger("steerlm.serve")
 
@@ -58,14 +63,19 @@ class Finished:
     """'stop' (end of sequence or a stop string) or 'length' (token budget reached)."""
 
 
+def _ignore(_kind: str, _payload: Any) -> None:
+    pass
+
+
 @dataclass(eq=False)
 class Row:
-    """One answer to generate. The sink is called from the worker thread; it must be quick and thread-safe."""
+    """One answer to generate. The sink is called from the decoding thread (the server's worker: it must be quick and
+    thread-safe)."""
 
     prompt_ids: list[int]
     sampling: Any
     """A `generate.SamplingArgs`."""
-    sink: Callable[[str, Any], None]
+    sink: Callable[[str, Any], None] = _ignore
     include_stop: bool = False
     """Keep the stop string that ended the answer in its text (NeMo's /generate does)."""
     strip_newline: bool = False
@@ -82,8 +92,10 @@ class Row:
     finish_reason: str | None = None
     enqueued_at: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
-    _generator: torch.Generator | None = None
+    generator: torch.Generator | None = None
+    """What the row samples from (default: one of its own, seeded with `sampling.seed`, else at random)."""
     _checked: int = 0
+    _head: str | None = None  # the text of the prompt tokens `_detokenize` decodes in front of the answer
 
     @property
     def active(self) -> bool:
@@ -95,12 +107,8 @@ class Row:
 
     def guide(self, neutral_ids: list[int]) -> Row:
         """Decode with attribute guidance against `neutral_ids` (at `sampling.guidance_scale`); returns self."""
-        self.shadow = Row(neutral_ids, self.sampling, _ignore, main=self)
+        self.shadow = Row(neutral_ids, self.sampling, main=self)
         return self
-
-
-def _ignore(_kind: str, _payload: Any) -> None:
-    pass
 
 
 @dataclass
@@ -124,14 +132,16 @@ class Stats:
 
 
 class Engine:
-    """Owns the model on a background thread; `submit` rows from any thread."""
+    """Decodes rows: `decode` them on the calling thread, or `start` the worker thread and `submit` rows from any
+    thread. `eos_ids`: the tokens that end an answer (default: `end_ids`)."""
 
     def __init__(self, model, tokenizer, *, max_batch_size: int = 16, max_queue: int = 256,
                  batch_wait_s: float = 0.01, eos_ids: Sequence[int] | None = None):  # fmt: skip
         self.model, self.tokenizer = model, tokenizer
         self.max_batch_size, self.max_queue, self.batch_wait_s = max_batch_size, max_queue, batch_wait_s
-        self.eos_ids = sorted(set(eos_ids if eos_ids is not None else _eos_ids(model, tokenizer)))
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos_ids or [0])[0]
+        self.eos_ids = sorted(set(eos_ids)) if eos_ids is not None else end_ids(model, tokenizer)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = pad if pad is not None else (self.eos_ids or [0])[0]
         self.device = next(model.parameters()).device
         self.stats = Stats()
         self._waiting: deque[Row] = deque()
@@ -183,6 +193,19 @@ class Engine:
     @property
     def running(self) -> int:
         return self._running
+
+    def decode(self, rows: Sequence[Row]) -> Iterator[None]:
+        """Decode `rows` (with the shadows of guided ones) together to their end on the calling thread, yielding after
+        every step (each row's sink has had its text of the step by then): the worker's steps without its queue, for
+        `generate.Generator`. Errors propagate. Not while the worker thread runs (it owns the model then)."""
+        if self._thread is not None:
+            raise RuntimeError("Engine.decode runs on the calling thread; this engine's worker thread is running")
+        with torch.inference_mode():  # (per step: the caller's code between steps runs in its own mode)
+            batch = self._prefill([x for r in rows for x in (r, r.shadow) if x is not None])
+        while batch is not None:
+            with torch.inference_mode():
+                batch = self._step(batch)
+            yield
 
     # ------------------------------------------------------------ the worker
 
@@ -273,22 +296,20 @@ class Engine:
 
     def _step(self, batch: _Batch) -> _Batch | None:
         """Sample one token for every row, hand out text, drop finished rows, run the next forward pass."""
-        rows = batch.rows
-        mains = [i for i, r in enumerate(rows) if r.main is None]
-        logits = batch.logits
-        pairs = []  # (row, its shadow) positions of guided rows
-        if len(mains) < len(rows):
-            where = {id(r): i for i, r in enumerate(rows)}
-            pairs = [(i, where[id(rows[i].shadow)]) for i in mains if rows[i].shadow is not None]
-            logits = logits.clone()
-            for i, j in pairs:
-                logits[i] = guide(logits[i], logits[j], rows[i].sampling.guidance_scale)
-        chosen = sample(logits[mains] if pairs else logits, [rows[i] for i in mains], self.eos_ids)
-        next_ids = torch.empty(len(rows), dtype=torch.long)
-        next_ids[mains] = chosen
-        for i, j in pairs:
-            next_ids[j] = next_ids[i]
-        now = time.perf_counter()
+        rows, mains = batch.rows, batch.mains
+        if batch.mix is None:
+            next_ids = sample(batch.logits, rows, self.eos_ids)
+        else:  # a guided row samples from the mix of its and its shadow's logits, and its shadow is fed its token
+            m, partner, m_at, partner_at, scales, guided = batch.mix
+            requested = batch.logits.index_select(0, m_at)
+            mixed = guide(requested, batch.logits.index_select(0, partner_at), scales)
+            if guided is not None:  # unguided rows keep their own logits
+                mixed = torch.where(guided, mixed, requested)
+            chosen = sample(mixed, [rows[i] for i in mains], self.eos_ids)
+            next_ids = (
+                torch.empty(len(rows), dtype=torch.long).index_copy_(0, m, chosen).index_copy_(0, partner, chosen)
+            )
+        now, chosen = time.perf_counter(), next_ids.tolist()
         for i in mains:
             row = rows[i]
             if row.cancelled:
@@ -296,7 +317,7 @@ class Engine:
             if row.first_token_at is None:
                 row.first_token_at = now
                 self.stats.ttft.append(now - row.enqueued_at)
-            self._advance(row, int(next_ids[i]))
+            self._advance(row, chosen[i])
         # One snapshot decides who leaves: a client may cancel from another thread at any moment, and a row that
         # leaves unfinished because of it is counted exactly once, here.
         active = [r.active for r in rows]
@@ -326,15 +347,15 @@ class Engine:
         """Append one token to a row, detect its end, and send the text that is certain by now."""
         s = row.sampling
         self.stats.generated_tokens += 1
-        if token in self.eos_ids and len(row.tokens) >= (s.min_new_tokens or 0):
+        if token in self.eos_ids and len(row.tokens) >= s.min_new_tokens:
             self._finish(row, row.text, "stop")
             return
         row.tokens.append(token)
         row.text = self._detokenize(row)
-        stops = [x for x in (s.stop or []) if x]
-        if stops:
-            hit = templates.find_stop(row.text, stops, row._checked)
-            if hit is not None and len(row.tokens) >= (s.min_new_tokens or 0):
+        if s.stop:
+            # Stop strings count once min_new_tokens tokens are out, and must end after those tokens' text.
+            hit = templates.find_stop(row.text, s.stop, row._checked) if len(row.tokens) > s.min_new_tokens else None
+            if hit is not None:
                 at, stop = hit
                 self._finish(row, row.text[: at + (len(stop) if row.include_stop else 0)], "stop")
                 return
@@ -343,7 +364,7 @@ class Engine:
         if len(row.tokens) >= s.max_new_tokens:
             self._finish(row, row.text, "length")
             return
-        safe = _safe_length(row.text, stops, row.strip_newline)
+        safe = _safe_length(row.text, s.stop, row.strip_newline)
         if safe > row.sent:
             row.sink(TEXT, row.text[row.sent : safe])
             row.sent = safe
@@ -362,9 +383,10 @@ class Engine:
         # space of a sequence's first token, so decoding the new tokens alone could lose it.
         context = row.prompt_ids[-4:]
         decode = self._decode_text
-        head = decode(context) if context else ""
+        if row._head is None:
+            row._head = decode(context) if context else ""
         full = decode(context + row.tokens)
-        return full[len(head) :] if full.startswith(head) else decode(row.tokens)
+        return full[len(row._head) :] if full.startswith(row._head) else decode(row.tokens)
 
     def _decode_text(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
@@ -384,6 +406,32 @@ class _Batch:
     @property
     def mergeable(self) -> bool:
         return _plain_layers(self.cache) is not None
+
+    @cached_property
+    def mains(self) -> list[int]:
+        """Positions of the rows that sample: all but the shadows of guided rows."""
+        return [i for i, r in enumerate(self.rows) if r.main is None]
+
+    @cached_property
+    def mix(self) -> tuple[torch.Tensor, ...] | None:
+        """None when no row is guided; else, per row of `mains`: its position and its partner's (its shadow, or
+        itself when unguided), on the CPU and on the logits' device; its guidance scale, (rows, 1); and whether it is
+        guided, (rows, 1; None when all are). Computed once per batch (rows change only by `select` and `_merge`,
+        which make new batches), as index tensors: indexing with Python lists costs as much as a tiny model's step."""
+        if len(self.mains) == len(self.rows):
+            return None
+        where = {id(r): i for i, r in enumerate(self.rows)}
+        shadows = [self.rows[i].shadow for i in self.mains]
+        m = torch.tensor(self.mains)
+        partner = torch.tensor([i if s is None else where[id(s)] for i, s in zip(self.mains, shadows, strict=True)])
+        dev = self.logits.device
+        scales = [self.rows[i].sampling.guidance_scale for i in self.mains]
+        guided = (
+            None
+            if all(s is not None for s in shadows)
+            else torch.tensor([s is not None for s in shadows], device=dev)[:, None]
+        )
+        return m, partner, m.to(dev), partner.to(dev), torch.tensor(scales, device=dev)[:, None], guided
 
     def select(self, keep: list[int]) -> _Batch:
         index = torch.tensor(keep, device=self.mask.device)
@@ -430,13 +478,146 @@ def _merge(a: _Batch, b: _Batch) -> _Batch:
     )
 
 
-# ---------------------------------------------------------------- sampling (generate.next_tokens, per row)
+# ---------------------------------------------------------------- the next-token choice
+
+#: Candidate tokens taken per filtered row before top-k/top-p (see `next_tokens`).
+_CANDIDATES = 256
+
+
+def next_tokens(logits: torch.Tensor, samplings: Sequence[Any], generators: Sequence[torch.Generator | None],
+                *, seen: tuple[torch.Tensor, torch.Tensor] | None = None, lengths: Sequence[int] | None = None,
+                end_ids: Sequence[int] = ()) -> torch.Tensor:  # fmt: skip
+    """The next token of every row of `logits` (rows, vocab), each row with its own settings (`generate.SamplingArgs`)
+    and generator: the one definition of the next-token choice (`Engine` calls it through `sample`).
+
+    In Hugging Face's order: the repetition penalty on the tokens in `seen` ((row, token) index tensors, repeats
+    allowed: the tokens of each row's prompt and answer so far); end tokens (`end_ids`) blocked while a row has
+    generated (`lengths`) fewer than its `min_new_tokens`; then greedy argmax, or temperature, top-k (the tokens whose
+    logit reaches the k-th largest, ties kept, as `TopKLogitsWarper`), top-p (the smallest most-likely-first prefix
+    whose probability reaches p) and a draw from the row's generator (None: torch's global one). Rows that share a
+    generator draw from it in one call; a row with a generator of its own draws from exactly its support, so its
+    tokens do not depend on its batch mates. Returns a CPU long tensor."""
+    rows, vocab = logits.shape
+    if len(samplings) != rows or len(generators) != rows:
+        raise ValueError(f"{rows} rows of logits, {len(samplings)} sampling settings, {len(generators)} generators")
+    dev = logits.device
+    penalties = [float(s.repetition_penalty) for s in samplings]
+    if seen is not None and len(seen[0]):
+        for value in sorted(set(penalties) - {1.0}):  # CTRL's penalty, as transformers' processor
+            at = seen
+            if any(x != value for x in penalties):
+                match = torch.tensor([x == value for x in penalties], device=dev)[seen[0]]
+                at = (seen[0][match], seen[1][match])
+            scores = logits[at]
+            logits = logits.index_put(at, torch.where(scores > 0, scores / value, scores * value))
+    if lengths is not None and len(end_ids):
+        blocked = [i for i, s in enumerate(samplings) if lengths[i] < s.min_new_tokens]
+        ends = [e for e in end_ids if e < vocab]
+        if blocked and ends:
+            logits = logits.clone()
+            logits[torch.tensor(blocked, device=dev)[:, None], torch.tensor(ends, device=dev)] = float("-inf")
+    drawn = [i for i, s in enumerate(samplings) if not s.is_greedy]
+    if len(drawn) == rows:
+        return _draw(logits, samplings, generators).cpu()
+    out = logits.argmax(-1)
+    if drawn:
+        out[drawn] = _draw(logits[drawn], [samplings[i] for i in drawn], [generators[i] for i in drawn])
+    return out.cpu()
+
+
+def _draw(logits: torch.Tensor, samplings: Sequence[Any],
+          generators: Sequence[torch.Generator | None]) -> torch.Tensor:  # fmt: skip
+    """Temperature, top-k, top-p and a draw, for the rows of `next_tokens` that sample."""
+    rows, vocab = logits.shape
+    temperatures = torch.tensor([float(s.temperature) for s in samplings], device=logits.device)
+    scaled = logits / temperatures[:, None]
+    probs = scaled.softmax(-1)
+    ks = [s.top_k if s.top_k < vocab else 0 for s in samplings]
+    ps = [float(s.top_p) for s in samplings]
+    # Sorting the whole vocabulary per row costs as much as a decode step with SmolLM2's 49k tokens; a row's top-k
+    # set or nucleus almost always lies within the few hundred most likely tokens, so those are taken with topk, and
+    # only the rows whose support may reach beyond them (a flat nucleus, ties at the k-th logit) are done again over
+    # the whole vocabulary. The supports are the same either way.
+    passes: list[tuple[torch.Tensor, torch.Tensor]] = []  # (probabilities, token ids) of the filtered rows
+    where: dict[int, tuple[int, int, int]] = {}  # row -> (pass, its row there, support size)
+    todo = [j for j in range(rows) if ks[j] or ps[j] < 1.0]
+    width = min(vocab, max([_CANDIDATES] + [k + 1 for k in ks]))
+    while todo:
+        every = len(todo) == rows  # (no copies of the whole rows then)
+        cand, ids, sizes, whole = _filter(scaled if every else scaled[todo], probs if every else probs[todo],
+                                          [ks[j] for j in todo], [ps[j] for j in todo], width)  # fmt: skip
+        passes.append((cand, ids))
+        for r, j in enumerate(todo):
+            if whole[r]:
+                where[j] = (len(passes) - 1, r, sizes[r])
+        todo = [j for r, j in enumerate(todo) if not whole[r]]
+        width = vocab
+    groups: dict[int, list[int]] = {}
+    for j, gen in enumerate(generators):
+        groups.setdefault(id(gen), []).append(j)
+    order, tokens = [], []
+    for members in groups.values():
+        gen = generators[members[0]]
+        plain = [j for j in members if j not in where]  # no top-k or top-p: the whole distribution
+        if plain:
+            order += plain
+            tokens.append(torch.multinomial(probs[plain], 1, generator=gen).squeeze(1))
+        cut = [j for j in members if j in where]
+        if cut:
+            size = max(where[j][2] for j in cut)
+            if len({where[j][0] for j in cut}) == 1:
+                cand, ids = passes[where[cut[0]][0]]
+                index = [where[j][1] for j in cut]
+                cand, ids = cand[index, :size], ids[index, :size]
+            else:  # rows of both passes (rare): pad each support with zeros
+                pad = torch.nn.utils.rnn.pad_sequence
+                cand = pad([passes[a][0][r, :n] for a, r, n in (where[j] for j in cut)], batch_first=True)
+                ids = pad([passes[a][1][r, :n] for a, r, n in (where[j] for j in cut)], batch_first=True)
+            order += cut
+            tokens.append(ids.gather(1, torch.multinomial(cand, 1, generator=gen)).squeeze(1))
+    out = torch.empty(rows, dtype=torch.long, device=logits.device)
+    out[order] = torch.cat(tokens)
+    return out
+
+
+def _filter(scaled: torch.Tensor, probs: torch.Tensor, ks: list[int], ps: list[float],
+            width: int) -> tuple[torch.Tensor, torch.Tensor, list[int], list[bool]]:  # fmt: skip
+    """Top-k, then top-p on the renormalised top-k probabilities, over the `width` most likely tokens of each row.
+    Returns the probabilities of those tokens, most likely first and zero where filtered out; their token ids; the
+    support sizes (the kept tokens are a prefix); and whether each row's support lies within the candidates (so that
+    more candidates would change nothing)."""
+    dev = scaled.device
+    whole_vocab = width >= scaled.shape[-1]
+    values, ids = scaled.sort(dim=-1, descending=True) if whole_vocab else scaled.topk(width, dim=-1)
+    cand = probs.gather(1, ids)
+    k = torch.tensor(ks, device=dev)[:, None]
+    p = torch.tensor(ps, device=dev)[:, None]
+    in_k = (values >= values.gather(1, (k - 1).clamp(min=0))) | (k == 0)
+    cand = cand * in_k
+    # the mass of the top-k set (the last cumulative sum: the same whatever follows the set, as zeros add nothing)
+    cand = torch.where(k > 0, cand / cand.cumsum(-1)[:, -1:], cand)
+    mass = cand.cumsum(-1)
+    keep = in_k & ((mass - cand <= p) | (p >= 1.0))  # a token goes when the mass before it exceeds p
+    cand = cand * keep
+    if whole_vocab:
+        whole = [True] * len(ks)
+    else:  # top-k: the last candidate is not tied with the k-th; top-p alone: the candidates' mass exceeds p
+        whole = torch.where(k[:, 0] > 0, ~in_k[:, -1], mass[:, -1] > p[:, 0]).tolist()
+    return cand, ids, keep.sum(-1).tolist(), whole
+
+
+def guide(requested: torch.Tensor, neutral: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+    """Attribute guidance, classifier-free-guidance style (Ho & Salimans 2022; for LMs Sanchez et al. 2023), on the raw
+    logits of a step: l(neutral) + s * (l(requested) - l(neutral)). A per-row constant shift of either side does not
+    change the softmax, so logits and log-probabilities give the same distribution; sampling settings (repetition
+    penalty, temperature, top-k/p) are applied to the mixed logits. `scale`: a number, or (rows, 1)."""
+    return neutral + scale * (requested - neutral)
 
 
 def sample(logits: torch.Tensor, rows: Sequence[Row], eos_ids: Sequence[int]) -> torch.Tensor:
-    """One next token per row, each row with its own settings and its own generator: `generate.next_tokens` (the one
-    definition of the choice), given each row's seen tokens (prompt and answer so far, for the repetition penalty)
-    and answer length (end-of-sequence tokens cannot be chosen before `min_new_tokens`)."""
+    """One next token per row, each row with its own settings and generator (`Row.generator`): `next_tokens`, given
+    each row's seen tokens (prompt and answer so far, for the repetition penalty) and answer length (end-of-sequence
+    tokens cannot be chosen before `min_new_tokens`)."""
     seen = None
     penalised = [i for i, r in enumerate(rows) if r.sampling.repetition_penalty != 1.0]
     if penalised:
@@ -452,11 +633,11 @@ def sample(logits: torch.Tensor, rows: Sequence[Row], eos_ids: Sequence[int]) ->
 
 
 def _generator(row: Row, device: torch.device) -> torch.Generator:
-    if row._generator is None:
+    if row.generator is None:
         seed = row.sampling.seed
-        row._generator = torch.Generator(device=device)
-        row._generator.manual_seed(int(seed) if seed is not None else secrets.randbits(63))
-    return row._generator
+        row.generator = torch.Generator(device=device)
+        row.generator.manual_seed(int(seed) if seed is not None else secrets.randbits(63))
+    return row.generator
 
 
 # ---------------------------------------------------------------- text helpers
@@ -469,33 +650,30 @@ def _safe_length(text: str, stops: Sequence[str], strip_newline: bool) -> int:
     while end > 0 and text[end - 1] == "\ufffd":
         end -= 1
     hold = 0
-    for stop in stops:
-        for n in range(min(len(stop) - 1, end), hold, -1):
-            if text[end - n : end] == stop[:n]:
-                hold = n
+    for stop in stops:  # the longest tail that starts the stop string: scan where its first character occurs
+        at = text.find(stop[0], max(0, end - len(stop) + 1), end)
+        while at >= 0 and end - at > hold:
+            if stop.startswith(text[at:end]):
+                hold = end - at
                 break
+            at = text.find(stop[0], at + 1, end)
     end -= hold
     if strip_newline and end > 0 and text[end - 1] == "\n":
         end -= 1
     return end
 
 
-def _eos_ids(model, tokenizer) -> list[int]:
-    ids = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    config = getattr(model, "generation_config", None)
-    eos = getattr(config, "eos_token_id", None)
-    if isinstance(eos, int):
-        ids.add(eos)
-    elif isinstance(eos, (list, tuple)):
-        ids.update(int(x) for x in eos)
-    return sorted(ids)
+def end_ids(model, tokenizer) -> list[int]:
+    """The tokens that end an answer: every special token (EOS, a chat template's turn markers, <|endoftext|>, and
+    NeMo's <extra_id_1> where it is a special token of the vocabulary) and the model's generation-config EOS ids."""
+    ends = set(tokenizer.all_special_ids)
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ends |= set(eos if isinstance(eos, (list, tuple)) else [eos])
+    return sorted(int(i) for i in ends if i is not None)
 
 
 def _supports_logits_to_keep(model) -> bool:
-    import inspect
-
+    # Computing logits for the last position only saves a (batch, length, vocab) tensor at prefill.
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     try:
         return "logits_to_keep" in inspect.signature(base.forward).parameters

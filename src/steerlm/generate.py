@@ -10,18 +10,17 @@ SPEC §3), so the model sees exactly the tokens it was trained on. Unspecified a
 (`AttributeSchema.with_defaults`: quality/helpfulness at the top level, harmful ones, humor and creativity at 0).
 A model trained without attributes ignores requested attributes.
 
-Decoding is a small batched loop with a KV cache (left padding, finished rows leave the batch), so every sampling
-setting is explicit and a logits hook can mix the logits of several prompts per answer: attribute guidance
+Decoding is the server's engine (`batching.Engine.decode`, run on the calling thread): a batched loop with a KV cache
+(left padding, finished rows leave the batch) in which every sampling setting is explicit; attribute guidance
 (`SamplingArgs.guidance_scale`, docs/steering.md) runs the requested and a neutral prompt in one forward pass.
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +29,8 @@ import torch
 from steerlm import config as config_lib
 from steerlm import models
 from steerlm.attributes import AttributeSchema, LengthBuckets, computed_from_dict, parse_assignment
+from steerlm.batching import TEXT, Engine, Row
 from steerlm.data import templates
-from steerlm.data.collate import pad
 from steerlm.data.preferences import read_prompts
 from steerlm.data.records import ASSISTANT, DEFAULT_SYSTEM, USER, Record, Turn, record_from_json
 from steerlm.errors import UserError
@@ -114,37 +113,6 @@ class Generation:
     """'stop' (end token or stop string) or 'length' (max_new_tokens reached)."""
 
 
-@dataclass
-class _Row:
-    tokens: list[int] = field(default_factory=list)
-    text: str = ""
-    floor: int = 0  # stop strings must end after this many characters (min_new_tokens)
-    finish: str | None = None
-
-
-#: Mixes the logits of the row groups of one step into the logits that pick the next token:
-#: (group, batch, vocab) -> (batch, vocab). Attribute guidance (`guidance_mix`) takes group 0 as the requested and
-#: group 1 as the neutral condition (`inference_segments(record, None)` or a reference attribute string).
-LogitsMix = Callable[[torch.Tensor], torch.Tensor]
-
-
-def guidance_mix(scale: float) -> LogitsMix:
-    """Attribute guidance, classifier-free-guidance style (Ho & Salimans 2022; for LMs Sanchez et al. 2023):
-    l = l(neutral) + s * (l(requested) - l(neutral)), on the raw logits of the step (a per-row constant shift of
-    either side does not change the softmax, so logits and log-probabilities give the same distribution). Sampling
-    settings (repetition penalty, temperature, top-k/p) are applied to the mixed logits."""
-
-    def mix(logits: torch.Tensor) -> torch.Tensor:
-        return guide(logits[0], logits[1], scale)
-
-    return mix
-
-
-def guide(requested: torch.Tensor, neutral: torch.Tensor, scale: float) -> torch.Tensor:
-    """The guidance rule itself: l(neutral) + s * (l(requested) - l(neutral))."""
-    return neutral + scale * (requested - neutral)
-
-
 class Generator:
     """A causal LM plus what steerlm needs to prompt it: attribute schema, template style and conditioning."""
 
@@ -164,17 +132,9 @@ class Generator:
         #: Computed attributes of the model (`verbosity` -> its length buckets, from `steerlm_model.json`), so the
         #: steerability check measures answers with the edges the model was trained with.
         self.computed: dict[str, LengthBuckets] = {}
-        self.device = next(model.parameters()).device
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        # Any special token ends an answer: EOS, a chat template's turn markers, <|endoftext|>, and NeMo's
-        # <extra_id_1> where it is a special token of the vocabulary.
-        ends = set(tokenizer.all_special_ids)
-        gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        ends |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
-        self.end_ids = sorted(i for i in ends if i is not None)
-        # Computing logits for the last prompt position only saves a (batch, length, vocab) tensor.
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        self._keep_last = "logits_to_keep" in inspect.signature(base.forward).parameters
+        #: The decoding engine, run on the calling thread (`decode`); `end_ids`: the tokens that end an answer.
+        self.engine = Engine(self.model, tokenizer)
+        self.device, self.pad_id, self.end_ids = self.engine.device, self.engine.pad_id, self.engine.eos_ids
 
     # ------------------------------------------------------------ loading
 
@@ -310,20 +270,12 @@ class Generator:
             raise UserError("empty prompt")
         if neutral is not None and len(neutral) != len(prompts):
             raise ValueError(f"{len(neutral)} neutral prompts for {len(prompts)} prompts")
-        rng = self._rng(sampling)
-        stops = self.stop_strings(sampling, raw)
-        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-        results: list[Generation | None] = [None] * len(prompts)
+        rows = self._rows(prompts, sampling, raw, neutral)
+        order = sorted(range(len(rows)), key=lambda i: -len(prompts[i]))
         for start in range(0, len(order), max(1, batch_size)):
-            idx = order[start : start + batch_size]
-            batch, guide = [prompts[i] for i in idx], {}
-            if neutral is not None:
-                batch += [neutral[i] for i in idx]
-                guide = {"mix": guidance_mix(sampling.guidance_scale), "groups": 2}
-            *_, rows = self._decode(batch, sampling, stops, rng, **guide)  # run to the end
-            for i, row in zip(idx, rows, strict=True):
-                results[i] = Generation(self._final_text(row.text, raw), row.tokens, len(prompts[i]), row.finish)
-        return results  # type: ignore[return-value]
+            for _ in self.engine.decode([rows[i] for i in order[start : start + batch_size]]):  # run to the end
+                pass
+        return [Generation(r.text, r.tokens, len(r.prompt_ids), r.finish_reason) for r in rows]
 
     def stream(self, conversation, attributes=None, sampling: SamplingArgs | None = None) -> Iterator[str]:
         """Text pieces of one answer as they are generated; joined, they equal `generate([conversation])[0]` for
@@ -334,248 +286,26 @@ class Generator:
 
     def stream_ids(self, prompt: list[int], sampling: SamplingArgs | None = None, raw: bool = False,
                    neutral: list[int] | None = None) -> Iterator[str]:  # fmt: skip
-        sampling = sampling or SamplingArgs()
-        stops = self.stop_strings(sampling, raw)
-        emitted = ""
-        prompts, guide = [prompt], {}
-        if neutral is not None:
-            prompts.append(neutral)
-            guide = {"mix": guidance_mix(sampling.guidance_scale), "groups": 2}
-        for (row,) in self._decode(prompts, sampling, stops, self._rng(sampling), **guide):
-            if row.finish is not None:
-                visible = self._final_text(row.text, raw)
-            else:
-                visible = _safe_prefix(row.text, stops, hold_newline=not raw)
-            if len(visible) > len(emitted) and visible.startswith(emitted):
-                yield visible[len(emitted) :]
-                emitted = visible
+        pieces: list[str] = []
+        row = self._rows([prompt], sampling or SamplingArgs(), raw, None if neutral is None else [neutral])[0]
+        row.sink = lambda kind, text: pieces.append(text) if kind == TEXT else None
+        for _ in self.engine.decode([row]):
+            yield from pieces
+            pieces.clear()
 
-    def _final_text(self, text: str, raw: bool) -> str:
-        return text if raw else templates.clean_answer(text, self.template, self.tokenizer)
-
-    def _rng(self, sampling: SamplingArgs) -> torch.Generator | None:
-        if sampling.seed is None or sampling.is_greedy:
-            return None
-        return torch.Generator(device=self.device).manual_seed(sampling.seed)
-
-    # ------------------------------------------------------------ the decoding loop
-
-    @torch.inference_mode()
-    def _decode(self, prompts: list[list[int]], sampling: SamplingArgs, stops: list[str],
-                rng: torch.Generator | None = None, *, mix: LogitsMix | None = None,
-                groups: int = 1) -> Iterator[list[_Row]]:  # fmt: skip
-        """Yield the rows after every generated token, until all have finished.
-
-        `prompts` holds `groups` blocks of B prompts each; block g row b belongs to answer b. Every block is fed the
-        token chosen for its answer, and `mix` turns the (groups, B, vocab) logits into the (B, vocab) logits that
-        are sampled from (default: block 0's). One forward pass serves all blocks."""
-        n = len(prompts) // groups
-        if n * groups != len(prompts):
-            raise ValueError("prompts must hold `groups` blocks of equal size")
-        dev = self.device
-        ids = pad(prompts, self.pad_id, side="left").to(dev)
-        mask = pad([[1] * len(p) for p in prompts], 0, side="left").to(dev)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        rows = [_Row() for _ in range(n)]
-        alive = list(range(n))  # answers still being generated, in cache order within each block
-        extra = {"logits_to_keep": 1} if self._keep_last else {}
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **extra)
-        past = out.past_key_values
-        seen = None  # tokens of each answer's prompt and text so far, for the repetition penalty
-        if sampling.repetition_penalty != 1.0:
-            seen = torch.zeros(n, out.logits.shape[-1], dtype=torch.bool, device=dev)
-            for b, p in enumerate(prompts[:n]):
-                seen[b, torch.tensor(p, device=dev)] = True
-        for step in range(sampling.max_new_tokens):
-            logits = out.logits[:, -1, :].float()
-            logits = mix(logits.view(groups, len(alive), -1)) if mix is not None else logits[: len(alive)]
-            live = len(alive)
-            at = seen.nonzero(as_tuple=True) if seen is not None else None
-            chosen = next_tokens(logits, [sampling] * live, [rng] * live, seen=at, lengths=[step] * live,
-                                 end_ids=self.end_ids).tolist()  # fmt: skip
-            for b, token in zip(alive, chosen, strict=True):
-                self._advance(rows[b], token, sampling, stops)
-            yield rows
-            keep = [j for j, b in enumerate(alive) if rows[b].finish is None]
-            if not keep:
-                return
-            next_ids = torch.tensor(chosen, device=dev)
-            if seen is not None:
-                seen[torch.arange(len(alive), device=dev), next_ids] = True
-            if len(keep) < len(alive):  # finished answers leave the batch (and the KV cache)
-                cache_rows = [g * len(alive) + j for g in range(groups) for j in keep]
-                past.batch_select_indices(torch.tensor(cache_rows, device=dev))
-                mask, positions = mask[cache_rows], positions[cache_rows]
-                next_ids = next_ids[keep]
-                seen = seen[keep] if seen is not None else None
-                alive = [alive[j] for j in keep]
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-            positions = positions[:, -1:] + 1
-            feed = next_ids.repeat(groups)[:, None]
-            out = self.model(input_ids=feed, attention_mask=mask, position_ids=positions, past_key_values=past,
-                             use_cache=True)  # fmt: skip
-            past = out.past_key_values
-
-    def _advance(self, row: _Row, token: int, sampling: SamplingArgs, stops: list[str]) -> None:
-        if token in self.end_ids and len(row.tokens) >= sampling.min_new_tokens:
-            row.finish = "stop"
-            return
-        row.tokens.append(token)
-        row.text = self.tokenizer.decode(row.tokens, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-        if len(row.tokens) == sampling.min_new_tokens:
-            row.floor = len(row.text)
-        if len(row.tokens) >= sampling.min_new_tokens:
-            hit = templates.find_stop(row.text, stops, row.floor)
-            if hit is not None:
-                row.text, row.finish = row.text[: hit[0]], "stop"
-                return
-        if len(row.tokens) >= sampling.max_new_tokens:
-            row.finish = "length"
-
-
-# ---------------------------------------------------------------- the next-token choice (both decoding loops)
-
-#: Candidate tokens taken per filtered row before top-k/top-p (see `next_tokens`).
-_CANDIDATES = 256
-
-
-def next_tokens(logits: torch.Tensor, samplings: Sequence[SamplingArgs], generators: Sequence[torch.Generator | None],
-                *, seen: tuple[torch.Tensor, torch.Tensor] | None = None, lengths: Sequence[int] | None = None,
-                end_ids: Sequence[int] = ()) -> torch.Tensor:  # fmt: skip
-    """The next token of every row of `logits` (rows, vocab), each row with its own settings: the one definition of
-    the next-token choice, used by `Generator` (the same settings for every row) and by the server's
-    `batching.Engine` (per-answer settings and generators).
-
-    In Hugging Face's order: the repetition penalty on the tokens in `seen` ((row, token) index tensors, repeats
-    allowed: the tokens of each row's prompt and answer so far); end tokens (`end_ids`) blocked while a row has
-    generated (`lengths`) fewer than its `min_new_tokens`; then greedy argmax, or temperature, top-k (the tokens whose
-    logit reaches the k-th largest, ties kept, as `TopKLogitsWarper`), top-p (the smallest most-likely-first prefix
-    whose probability reaches p) and a draw from the row's generator (None: torch's global one). Rows that share a
-    generator draw from it in one call; a row with a generator of its own draws from exactly its support, so its
-    tokens do not depend on its batch mates. Returns a CPU long tensor."""
-    rows, vocab = logits.shape
-    if len(samplings) != rows or len(generators) != rows:
-        raise ValueError(f"{rows} rows of logits, {len(samplings)} sampling settings, {len(generators)} generators")
-    dev = logits.device
-    penalties = [float(s.repetition_penalty) for s in samplings]
-    if seen is not None and len(seen[0]):
-        for value in sorted(set(penalties) - {1.0}):  # CTRL's penalty, as transformers' processor
-            at = seen
-            if any(x != value for x in penalties):
-                match = torch.tensor([x == value for x in penalties], device=dev)[seen[0]]
-                at = (seen[0][match], seen[1][match])
-            scores = logits[at]
-            logits = logits.index_put(at, torch.where(scores > 0, scores / value, scores * value))
-    if lengths is not None and len(end_ids):
-        blocked = [i for i, s in enumerate(samplings) if lengths[i] < s.min_new_tokens]
-        ends = [e for e in end_ids if e < vocab]
-        if blocked and ends:
-            logits = logits.clone()
-            logits[torch.tensor(blocked, device=dev)[:, None], torch.tensor(ends, device=dev)] = float("-inf")
-    drawn = [i for i, s in enumerate(samplings) if not s.is_greedy]
-    if len(drawn) == rows:
-        return _draw(logits, samplings, generators).cpu()
-    out = logits.argmax(-1)
-    if drawn:
-        out[drawn] = _draw(logits[drawn], [samplings[i] for i in drawn], [generators[i] for i in drawn])
-    return out.cpu()
-
-
-def _draw(logits: torch.Tensor, samplings: Sequence[SamplingArgs],
-          generators: Sequence[torch.Generator | None]) -> torch.Tensor:  # fmt: skip
-    """Temperature, top-k, top-p and a draw, for the rows of `next_tokens` that sample."""
-    rows, vocab = logits.shape
-    temperatures = torch.tensor([float(s.temperature) for s in samplings], device=logits.device)
-    scaled = logits / temperatures[:, None]
-    probs = scaled.softmax(-1)
-    ks = [s.top_k if s.top_k < vocab else 0 for s in samplings]
-    ps = [float(s.top_p) for s in samplings]
-    # Sorting the whole vocabulary per row costs as much as a decode step with SmolLM2's 49k tokens; a row's top-k
-    # set or nucleus almost always lies within the few hundred most likely tokens, so those are taken with topk, and
-    # only the rows whose support may reach beyond them (a flat nucleus, ties at the k-th logit) are done again over
-    # the whole vocabulary. The supports are the same either way.
-    passes: list[tuple[torch.Tensor, torch.Tensor]] = []  # (probabilities, token ids) of the filtered rows
-    where: dict[int, tuple[int, int, int]] = {}  # row -> (pass, its row there, support size)
-    todo = [j for j in range(rows) if ks[j] or ps[j] < 1.0]
-    width = min(vocab, max([_CANDIDATES] + [k + 1 for k in ks]))
-    while todo:
-        every = len(todo) == rows  # (no copies of the whole rows then)
-        cand, ids, sizes, whole = _filter(scaled if every else scaled[todo], probs if every else probs[todo],
-                                          [ks[j] for j in todo], [ps[j] for j in todo], width)  # fmt: skip
-        passes.append((cand, ids))
-        for r, j in enumerate(todo):
-            if whole[r]:
-                where[j] = (len(passes) - 1, r, sizes[r])
-        todo = [j for r, j in enumerate(todo) if not whole[r]]
-        width = vocab
-    groups: dict[int, list[int]] = {}
-    for j, gen in enumerate(generators):
-        groups.setdefault(id(gen), []).append(j)
-    order, tokens = [], []
-    for members in groups.values():
-        gen = generators[members[0]]
-        plain = [j for j in members if j not in where]  # no top-k or top-p: the whole distribution
-        if plain:
-            order += plain
-            tokens.append(torch.multinomial(probs[plain], 1, generator=gen).squeeze(1))
-        cut = [j for j in members if j in where]
-        if cut:
-            size = max(where[j][2] for j in cut)
-            if len({where[j][0] for j in cut}) == 1:
-                cand, ids = passes[where[cut[0]][0]]
-                index = [where[j][1] for j in cut]
-                cand, ids = cand[index, :size], ids[index, :size]
-            else:  # rows of both passes (rare): pad each support with zeros
-                pad = torch.nn.utils.rnn.pad_sequence
-                cand = pad([passes[a][0][r, :n] for a, r, n in (where[j] for j in cut)], batch_first=True)
-                ids = pad([passes[a][1][r, :n] for a, r, n in (where[j] for j in cut)], batch_first=True)
-            order += cut
-            tokens.append(ids.gather(1, torch.multinomial(cand, 1, generator=gen)).squeeze(1))
-    out = torch.empty(rows, dtype=torch.long, device=logits.device)
-    out[order] = torch.cat(tokens)
-    return out
-
-
-def _filter(scaled: torch.Tensor, probs: torch.Tensor, ks: list[int], ps: list[float],
-            width: int) -> tuple[torch.Tensor, torch.Tensor, list[int], list[bool]]:  # fmt: skip
-    """Top-k, then top-p on the renormalised top-k probabilities, over the `width` most likely tokens of each row.
-    Returns the probabilities of those tokens, most likely first and zero where filtered out; their token ids; the
-    support sizes (the kept tokens are a prefix); and whether each row's support lies within the candidates (so that
-    more candidates would change nothing)."""
-    dev = scaled.device
-    whole_vocab = width >= scaled.shape[-1]
-    values, ids = scaled.sort(dim=-1, descending=True) if whole_vocab else scaled.topk(width, dim=-1)
-    cand = probs.gather(1, ids)
-    k = torch.tensor(ks, device=dev)[:, None]
-    p = torch.tensor(ps, device=dev)[:, None]
-    in_k = (values >= values.gather(1, (k - 1).clamp(min=0))) | (k == 0)
-    cand = cand * in_k
-    # the mass of the top-k set (the last cumulative sum: the same whatever follows the set, as zeros add nothing)
-    cand = torch.where(k > 0, cand / cand.cumsum(-1)[:, -1:], cand)
-    mass = cand.cumsum(-1)
-    keep = in_k & ((mass - cand <= p) | (p >= 1.0))  # a token goes when the mass before it exceeds p
-    cand = cand * keep
-    if whole_vocab:
-        whole = [True] * len(ks)
-    else:  # top-k: the last candidate is not tied with the k-th; top-p alone: the candidates' mass exceeds p
-        whole = torch.where(k[:, 0] > 0, ~in_k[:, -1], mass[:, -1] > p[:, 0]).tolist()
-    return cand, ids, keep.sum(-1).tolist(), whole
-
-
-def _safe_prefix(text: str, stops: list[str], hold_newline: bool) -> str:
-    """The part of an unfinished answer that is certain to stay: without a trailing partial stop string, an
-    incomplete multi-byte character, or (templated answers) a trailing newline that a stop string may drop."""
-    hold = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), 0, -1):
-            if text.endswith(s[:k]):
-                hold = max(hold, k)
-                break
-    text = text[: len(text) - hold]
-    text = text.rstrip("\ufffd")
-    if hold_newline and text.endswith("\n"):
-        text = text[:-1]
-    return text
+    def _rows(self, prompts: list[list[int]], sampling: SamplingArgs, raw: bool,
+              neutral: list[list[int]] | None) -> list[Row]:  # fmt: skip
+        """The engine's rows for prompts: the template's stop strings (none when `raw`) added to `sampling.stop`,
+        templated answers without the newline before their end (SPEC §3), guided against `neutral` when given, and
+        one generator for all (they draw together, as one batch: the same seed, prompts and batch size give the same
+        answers; unseeded, it is seeded from torch's global generator, so `torch.manual_seed` repeats a run)."""
+        sampling = replace(sampling, stop=self.stop_strings(sampling, raw))
+        rng = None
+        if not sampling.is_greedy:
+            seed = sampling.seed if sampling.seed is not None else int(torch.randint(2**62, ()))
+            rng = torch.Generator(device=self.device).manual_seed(seed)
+        rows = [Row(p, sampling, strip_newline=not raw, generator=rng) for p in prompts]
+        return rows if neutral is None else [r.guide(n) for r, n in zip(rows, neutral, strict=True)]
 
 
 # ---------------------------------------------------------------- the `steerlm generate` command

@@ -523,8 +523,7 @@ class Service:
         config = getattr(generator.model, "config", None)
         self.context = int(getattr(config, "max_position_embeddings", 0) or 0) or None
         self.engine = Engine(generator.model, self.tokenizer, max_batch_size=cfg.max_batch_size,
-                             max_queue=cfg.max_queue, batch_wait_s=cfg.batch_wait_ms / 1000,
-                             eos_ids=generator.end_ids)  # fmt: skip
+                             max_queue=cfg.max_queue, batch_wait_s=cfg.batch_wait_ms / 1000)  # fmt: skip
         self.metrics = Metrics()
         self.apm_lock = asyncio.Lock()
 

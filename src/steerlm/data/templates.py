@@ -208,21 +208,13 @@ def stop_strings(style: str, tokenizer=None) -> list[str]:
 def find_stop(text: str, stops, ends_after: int = 0) -> tuple[int, str] | None:
     """(start, stop string) of the earliest stop string in `text` that ends after its first `ends_after` characters
     (the text already checked, or generated before `min_new_tokens`); at equal starts the longest wins. None when
-    there is none. The one stop-string search of both decoding loops (`generate`, `batching`)."""
+    there is none. The one stop-string search (`batching.Engine`)."""
     best = None
     for stop in stops:
         at = text.find(stop, max(0, ends_after - len(stop) + 1))
         if at >= 0 and (best is None or at < best[0] or (at == best[0] and len(stop) > len(best[1]))):
             best = (at, stop)
     return best
-
-
-def clean_answer(text: str, style: str, tokenizer=None) -> str:
-    """Drop everything from the first stop string on, and the newline that precedes it (SPEC §3)."""
-    for stop in stop_strings(style, tokenizer):
-        if stop and stop in text:
-            text = text[: text.index(stop)]
-    return text[:-1] if text.endswith("\n") else text
 
 
 def encode(record: Record, tokenizer, style: str = "nemo", max_length: int | None = None, add_bos: bool = False):

@@ -19,10 +19,9 @@ ORCHESTRATORS = {"steerlm.pipeline", "steerlm.rlhf", "steerlm.bootstrap", "steer
 #: Packages that are part of a stage: `steerlm/evaluation/` holds the pieces of `steerlm evaluate`.
 STAGE_PACKAGES = {"steerlm.evaluation": "steerlm.evaluate"}
 #: (importer, stage) pairs allowed for now. `generate.Generator` (and its sampling settings and decoding steps) are
-#: still defined in the `steerlm generate` stage, and these modules decode with them; the decoding in generate.py /
-#: batching.py / serve.py is being reworked, and these entries go when it moves to a shared module.
+#: still defined in the `steerlm generate` stage, and these modules decode with it; the decoding itself is
+#: `batching.Engine` (shared), so these entries go when `Generator` moves beside it.
 ALLOWED = {
-    ("steerlm.batching", "steerlm.generate"),
     ("steerlm.chat", "steerlm.generate"),
     ("steerlm.evaluate", "steerlm.generate"),
     ("steerlm.evaluation.planning", "steerlm.generate"),

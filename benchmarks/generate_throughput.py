@@ -23,7 +23,7 @@ import torch
 from transformers import GenerationConfig
 
 from steerlm import models
-from steerlm.generate import Generator, SamplingArgs
+from steerlm.generator import Generator, SamplingArgs
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = (Path(os.environ.get("STEERLM_SHARED_DATA", ROOT.parent / "shared" / "data")) / "prompts"

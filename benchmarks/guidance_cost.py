@@ -24,7 +24,7 @@ import torch
 
 from steerlm import models
 from steerlm.attributes import AttributeSchema
-from steerlm.generate import Generator, SamplingArgs
+from steerlm.generator import Generator, SamplingArgs
 
 PROMPTS = (
     Path(__file__).resolve().parents[1].parent / "shared" / "data" / "prompts" / "oasst_prompt_lottery_en_250.jsonl"

@@ -19,8 +19,9 @@ from pathlib import Path
 
 from steerlm.attributes import parse_assignment
 from steerlm.bootstrap import training_prompts
+from steerlm.data.preferences import read_prompts
 from steerlm.data.records import read_records
-from steerlm.generate import Generator, SamplingArgs, read_prompts
+from steerlm.generator import Generator, SamplingArgs
 from steerlm.steerability import format_table, mean_words, measure_attribute, plot_results, scorer_for
 
 

@@ -18,17 +18,6 @@ STAGES = {module for module, _ in COMMANDS.values()}
 ORCHESTRATORS = {"steerlm.pipeline", "steerlm.rlhf", "steerlm.bootstrap", "steerlm.cli"}
 #: Packages that are part of a stage: `steerlm/evaluation/` holds the pieces of `steerlm evaluate`.
 STAGE_PACKAGES = {"steerlm.evaluation": "steerlm.evaluate"}
-#: (importer, stage) pairs allowed for now. `generate.Generator` (and its sampling settings and decoding steps) are
-#: still defined in the `steerlm generate` stage, and these modules decode with it; the decoding itself is
-#: `batching.Engine` (shared), so these entries go when `Generator` moves beside it.
-ALLOWED = {
-    ("steerlm.chat", "steerlm.generate"),
-    ("steerlm.evaluate", "steerlm.generate"),
-    ("steerlm.evaluation.planning", "steerlm.generate"),
-    ("steerlm.ppo", "steerlm.generate"),
-    ("steerlm.readout", "steerlm.generate"),
-    ("steerlm.serve", "steerlm.generate"),
-}
 
 
 def _modules() -> dict[str, ast.Module]:
@@ -95,25 +84,20 @@ def _stage_of(module: str) -> str:
 def test_no_stage_module_imports_another_stage_module():
     """Anywhere in a module (inside functions and under TYPE_CHECKING too): a stage, or a shared module, that
     needs what a stage defines gets it from a shared module instead (e.g. `apm_model.load_apm`, not `apm`)."""
-    found, used = [], set()
+    found = []
     for name, tree in MODULES.items():
         owner = _stage_of(name)
         if owner in ORCHESTRATORS:
             continue
         imported = {t for n in ast.walk(tree) if isinstance(n, ast.Import | ast.ImportFrom) for t in _targets(n)}
         for stage in sorted((imported & STAGES) - {owner}):
-            if (name, stage) in ALLOWED:
-                used.add((name, stage))
-            else:
-                found.append(f"{name} imports the stage module {stage}")
+            found.append(f"{name} imports the stage module {stage}")
     assert not found, "; ".join(found)
-    assert used == ALLOWED, f"allowed imports no longer made (drop them from ALLOWED): {sorted(ALLOWED - used)}"
 
 
 def test_orchestrators_and_stages_exist():
     """The lists above name real modules, so a rename cannot make the check pass by missing its target."""
     assert STAGES | ORCHESTRATORS | set(STAGE_PACKAGES) <= MODULES.keys()
-    assert {m for pair in ALLOWED for m in pair} <= MODULES.keys()
 
 
 def test_no_import_cycles_at_module_level():

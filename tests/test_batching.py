@@ -10,7 +10,7 @@ import torch
 
 from steerlm import models
 from steerlm.batching import DONE, TEXT, Engine, QueueFull, Row, _safe_length
-from steerlm.generate import SamplingArgs
+from steerlm.generator import SamplingArgs
 
 PROMPTS = ["Hello there, how are you?", "<extra_id_1>User\nWhat is the capital of France?\n<extra_id_1>Assistant\n",
            "Tell me a joke.", "def main():\n    print(", "Why"]  # fmt: skip
@@ -190,7 +190,7 @@ def test_generator_and_the_server_engine_give_the_same_greedy_answers(lm, engine
     from dataclasses import replace
 
     from steerlm.attributes import AttributeSchema
-    from steerlm.generate import Generator
+    from steerlm.generator import Generator
 
     model, tok = lm
     gen = Generator(model, tok, schema=AttributeSchema(("quality", "humor"), 10), template="chat",

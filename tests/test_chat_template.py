@@ -15,7 +15,7 @@ from steerlm import cli, models
 from steerlm.attributes import AttributeSchema
 from steerlm.data import chat_template, templates
 from steerlm.data.records import ASSISTANT, DEFAULT_SYSTEM, USER, Record, Turn, write_records
-from steerlm.generate import Generator
+from steerlm.generator import Generator
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -182,3 +182,25 @@ def test_auto_is_spelled_one_way_and_the_old_spelling_still_works(module, cls, r
             assert C.build(config_cls, {**required, "template": ""}).template == "auto"
     with pytest.raises(UserError, match="auto"):
         C.build(config_cls, {**required, "template": "jinja"})
+
+
+@pytest.mark.parametrize(
+    ("module", "cls", "required"),
+    [
+        ("generate", "Config", {"model": "tiny-lm", "prompt": ["hi"]}),
+        ("chat", "Config", {"model": "tiny-lm"}),
+        ("evaluate", "Config", {"models": [{"name": "m", "path": "tiny-lm"}], "prompts": [{"name": "p", "path": "p.jsonl"}], "quality": {"enabled": False}}),
+        ("merge", "Config", {"adapter": "a", "out": "o"}),
+        ("sft", "Config", {"data": "d"}),
+    ],
+)
+def test_dtype_defaults_to_fp32_by_name_and_the_old_empty_spelling_still_works(module, cls, required):
+    import importlib
+
+    config_cls = getattr(importlib.import_module(f"steerlm.{module}"), cls)
+    assert C.build(config_cls, required).dtype == "fp32"
+    assert C.build(config_cls, {**required, "dtype": "bf16"}).dtype == "bf16"
+    with pytest.warns(FutureWarning, match="deprecated, write 'fp32'"):
+        assert C.build(config_cls, {**required, "dtype": ""}).dtype == "fp32"
+    with pytest.raises(UserError, match="fp32, bf16, fp16, auto"):
+        C.build(config_cls, {**required, "dtype": "int8"})

@@ -19,7 +19,7 @@ from _serve_support import running, steerable_tiny
 
 from steerlm.data import templates
 from steerlm.data.records import Record, Turn
-from steerlm.generate import Generator
+from steerlm.generator import Generator
 from steerlm.serve import Config
 
 pytestmark = pytest.mark.usefixtures("one_thread")

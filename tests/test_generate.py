@@ -15,7 +15,7 @@ from steerlm.attributes import AttributeSchema
 from steerlm.data import templates
 from steerlm.data.records import Record, Turn
 from steerlm.errors import UserError
-from steerlm.generate import Generator, SamplingArgs
+from steerlm.generator import Generator, SamplingArgs
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = AttributeSchema(("quality", "toxicity", "humor"))

@@ -74,9 +74,9 @@ def test_bootstrap_generation_resumes_without_gaps_or_duplicates(tiny_run, tmp_p
                 num_prompts=6, max_new_tokens=6, batch_size=2, finetune=False)  # fmt: skip
     reference = bootstrap.main(bootstrap.Config(out=str(tmp_path / "ref"), **base))
 
-    from steerlm import generate
+    from steerlm import generator
 
-    real = generate.Generator.generate
+    real = generator.Generator.generate
     calls = {"n": 0}
 
     def dies_on_second_chunk(self, *a, **k):
@@ -85,10 +85,10 @@ def test_bootstrap_generation_resumes_without_gaps_or_duplicates(tiny_run, tmp_p
             raise KeyboardInterrupt
         return real(self, *a, **k)
 
-    monkeypatch.setattr(generate.Generator, "generate", dies_on_second_chunk)
+    monkeypatch.setattr(generator.Generator, "generate", dies_on_second_chunk)
     with pytest.raises(KeyboardInterrupt):
         bootstrap.main(bootstrap.Config(out=str(tmp_path / "run"), **base))
-    monkeypatch.setattr(generate.Generator, "generate", real)
+    monkeypatch.setattr(generator.Generator, "generate", real)
     assert len(list((tmp_path / "run" / "generations").glob("*.jsonl"))) == 1
     resumed = bootstrap.main(bootstrap.Config(out=str(tmp_path / "run"), resume=True, **base))
     assert resumed["n"] == reference["n"]

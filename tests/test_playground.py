@@ -15,7 +15,7 @@ import pytest
 from _serve_support import running, steerable_tiny, tiny_apm
 
 from steerlm.apm_model import load_apm
-from steerlm.generate import Generator
+from steerlm.generator import Generator
 from steerlm.serve import Config
 
 CHROMIUM, DRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")

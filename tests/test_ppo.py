@@ -11,7 +11,7 @@ import torch
 
 from steerlm import cli, config, ppo
 from steerlm.errors import UserError
-from steerlm.generate import Generator
+from steerlm.generator import Generator
 
 pytestmark = pytest.mark.usefixtures("one_thread", "private_cache")
 

@@ -17,7 +17,7 @@ from _serve_support import ATTRIBUTES, running, steerable_tiny, tiny_apm
 
 from steerlm.apm_model import load_apm
 from steerlm.data.records import DEFAULT_SYSTEM, Record, Turn
-from steerlm.generate import Generator, SamplingArgs
+from steerlm.generator import Generator, SamplingArgs
 from steerlm.serve import Config
 
 KEY = "test-key-123"

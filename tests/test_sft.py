@@ -18,7 +18,7 @@ from steerlm.attributes import AttributeSchema
 from steerlm.data import templates
 from steerlm.data.oasst import load_records, split_by_tree
 from steerlm.data.records import ASSISTANT, write_records
-from steerlm.generate import Generator, SamplingArgs
+from steerlm.generator import Generator, SamplingArgs
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("STEERLM_SHARED_DATA", ROOT.parent / "shared" / "data"))

@@ -14,7 +14,7 @@ from steerlm.attributes import AttributeSchema, LengthBuckets, word_count
 from steerlm.batching import guide
 from steerlm.data import templates
 from steerlm.data.records import Record, Turn, read_records, write_records
-from steerlm.generate import Generator, SamplingArgs
+from steerlm.generator import Generator, SamplingArgs
 from steerlm.steerability import ComputedScorer, measure_attribute, measure_verbosity
 
 SCHEMA = AttributeSchema(("quality", "humor"))

@@ -30,7 +30,7 @@ from steerlm.errors import UserError
 from steerlm.io import read_jsonl
 
 #: The steerlm JSON of an APM model folder (`load_apm` requires it).
-META = "steerlm_apm.json"
+META = models.APM_META
 #: The model folder inside a train-apm output folder (beside config.yaml, metrics.jsonl and the checkpoint).
 BEST = "best"
 #: The regression head's file in the backbone + head layout (`heads.save`).

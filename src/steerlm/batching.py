@@ -1,8 +1,8 @@
 """The one decoding engine: every answer steerlm generates is decoded by `Engine`, the CLI's `generate` and `chat`,
-bootstrap, evaluation and PPO rollouts (through `generate.Generator`, which runs `Engine.decode` on the calling
+bootstrap, evaluation and PPO rollouts (through `generator.Generator`, which runs `Engine.decode` on the calling
 thread) as well as `steerlm serve` (a background thread with continuous batching).
 
-Each answer to produce is a `Row`: prompt token ids, sampling settings (`generate.SamplingArgs`) and a `sink` that
+Each answer to produce is a `Row`: prompt token ids, sampling settings (`generator.SamplingArgs`) and a `sink` that
 receives its text as it is generated. Rows are prefilled left-padded in one forward pass and decoded together, one
 token per row per step, with a KV cache. Between steps, rows that finished (an end token, a stop string, their token
 budget) or were cancelled (the client went away) leave the batch, and their KV-cache rows are dropped, so they cost
@@ -74,7 +74,7 @@ class Row:
 
     prompt_ids: list[int]
     sampling: Any
-    """A `generate.SamplingArgs`."""
+    """A `generator.SamplingArgs`."""
     sink: Callable[[str, Any], None] = _ignore
     include_stop: bool = False
     """Keep the stop string that ended the answer in its text (NeMo's /generate does)."""
@@ -197,7 +197,7 @@ class Engine:
     def decode(self, rows: Sequence[Row]) -> Iterator[None]:
         """Decode `rows` (with the shadows of guided ones) together to their end on the calling thread, yielding after
         every step (each row's sink has had its text of the step by then): the worker's steps without its queue, for
-        `generate.Generator`. Errors propagate. Not while the worker thread runs (it owns the model then)."""
+        `generator.Generator`. Errors propagate. Not while the worker thread runs (it owns the model then)."""
         if self._thread is not None:
             raise RuntimeError("Engine.decode runs on the calling thread; this engine's worker thread is running")
         with torch.inference_mode():  # (per step: the caller's code between steps runs in its own mode)
@@ -487,7 +487,7 @@ _CANDIDATES = 256
 def next_tokens(logits: torch.Tensor, samplings: Sequence[Any], generators: Sequence[torch.Generator | None],
                 *, seen: tuple[torch.Tensor, torch.Tensor] | None = None, lengths: Sequence[int] | None = None,
                 end_ids: Sequence[int] = ()) -> torch.Tensor:  # fmt: skip
-    """The next token of every row of `logits` (rows, vocab), each row with its own settings (`generate.SamplingArgs`)
+    """The next token of every row of `logits` (rows, vocab), each row with its own settings (`generator.SamplingArgs`)
     and generator: the one definition of the next-token choice (`Engine` calls it through `sample`).
 
     In Hugging Face's order: the repetition penalty on the tokens in `seen` ((row, token) index tensors, repeats

@@ -119,7 +119,7 @@ def plan(prompts: list[Record], combos: list[dict], cfg: Config) -> list[tuple[i
 def generate_resumable(generator, prompts, jobs, cfg: Config, out: Path) -> list[str]:
     """Answers for every job, written chunk by chunk (each chunk file atomically); a rerun continues after the last
     finished chunk, so nothing is generated twice and nothing is missing."""
-    from steerlm.generate import SamplingArgs
+    from steerlm.generator import SamplingArgs
 
     folder = out / CHUNKS
     folder.mkdir(exist_ok=True)
@@ -198,7 +198,7 @@ def finetune(cfg: Config, records_file: Path, out: Path) -> dict:
 
 def main(cfg: Config) -> dict:
     from steerlm.apm_model import load_apm
-    from steerlm.generate import Generator
+    from steerlm.generator import Generator
 
     out = Path(cfg.out)
     if out.exists() and any(out.iterdir()) and not (cfg.resume or cfg.overwrite):
@@ -235,7 +235,7 @@ def main(cfg: Config) -> dict:
         report["sft"] = finetune(cfg, records_file, out)
         write_json(out / "report.json", report)
         best = Path(report["sft"].get("best_dir") or out / "sft" / "best")
-        if (best / "steerlm_model.json").is_file():  # the card says the model was bootstrapped, with the report
+        if (best / model_card.MODEL_META).is_file():  # the card says the model was bootstrapped, with the report
             notes = {k: report[k] for k in ("n", "measured_quality_mean") if k in report}
             model_card.write(best, stage="bootstrap", notes={f"bootstrap {k}": v for k, v in notes.items()})
     return report

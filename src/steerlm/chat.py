@@ -25,7 +25,7 @@ from steerlm.attributes import parse_assignment
 from steerlm.data import templates
 from steerlm.data.records import ASSISTANT, DEFAULT_SYSTEM, USER, Record, Turn
 from steerlm.errors import UserError
-from steerlm.generate import Generator, SamplingArgs, load_generator, read_attributes, sampling_from
+from steerlm.generator import Generator, SamplingArgs, load_generator, read_attributes, sampling_from
 
 HELP = """commands: /set name=level ... | /show | /reset | /system TEXT | /help | /quit"""
 
@@ -42,11 +42,12 @@ class Config(SamplingArgs):
     """System text (default: NeMo's SteerLM system prompt)."""
     template: str = "auto"
     """Template style: 'nemo', 'chat', or 'auto' (the model's steerlm_model.json, else 'chat')."""
-    dtype: str = ""
-    """Model dtype ('bf16', 'fp16', 'fp32'; default fp32)."""
+    dtype: str = "fp32"
+    """Model dtype: 'fp32', 'bf16', 'fp16' or 'auto' (the checkpoint's own)."""
 
     def __post_init__(self):
         super().__post_init__()
+        self.dtype = config_lib.dtype_choice(self.dtype)
         self.template = config_lib.auto_choice(self.template, "template", templates.STYLES)
 
 

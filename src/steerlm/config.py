@@ -134,6 +134,22 @@ def auto_choice(value: str, name: str, choices: tuple[str, ...]) -> str:
     return value
 
 
+#: The dtypes a command can load a model's weights in: 'fp32' (the default), 'bf16', 'fp16', or 'auto' (the
+#: checkpoint's own, transformers' `dtype="auto"`).
+DTYPES = ("fp32", "bf16", "fp16", AUTO)
+
+
+def dtype_choice(value: str, name: str = "dtype") -> str:
+    """Check a model dtype setting (`DTYPES`). The old spelling of the default, '' (which meant fp32), is still
+    accepted, with a deprecation warning. Raises ValueError for anything else."""
+    if value == "":
+        warnings.warn(f"{name}: '' is deprecated, write 'fp32' (the default)", FutureWarning, stacklevel=3)
+        value = "fp32"
+    if value not in DTYPES:
+        raise ValueError(f"{name} must be one of {', '.join(DTYPES)}, not {value!r}")
+    return value
+
+
 def unless_auto(value: str) -> str | None:
     """None for `AUTO` (let the callee choose), else the value."""
     return None if value in (AUTO, "") else value

@@ -47,7 +47,7 @@ from steerlm.evaluation.planning import (
 )
 from steerlm.evaluation.report import build_report, print_summary, write_report
 from steerlm.evaluation.statistics import ABLATION_ROWS, ablation_results, quality_results, steer_curves
-from steerlm.generate import SamplingArgs
+from steerlm.generator import SamplingArgs
 from steerlm.io import write_json
 
 # ---------------------------------------------------------------- settings
@@ -225,8 +225,8 @@ class Config:
     """How every model samples its answers (part of the cache key)."""
     batch_size: int = 8
     """Prompts generated together."""
-    dtype: str = ""
-    """Model dtype ('bf16', 'fp16', 'fp32'; default fp32)."""
+    dtype: str = "fp32"
+    """Model dtype: 'fp32', 'bf16', 'fp16' or 'auto' (the checkpoint's own)."""
     from_cache: bool = False
     """Build the report from out/cache only; load no model, APM or judge (missing entries are an error)."""
     steerability: SteerabilityArgs = field(default_factory=SteerabilityArgs)
@@ -239,6 +239,7 @@ class Config:
     """Report settings."""
 
     def __post_init__(self):
+        self.dtype = config_lib.dtype_choice(self.dtype)
         names = [m.name for m in self.models]
         if not names:
             raise ValueError("list at least one model under models ({name, path})")
@@ -310,11 +311,11 @@ class Config:
 
 
 def load_generator(spec: ModelSpec, cfg: Config):
-    """A `generate.Generator` for a model (anything with `.generate(conversations, attributes, sampling,
+    """A `generator.Generator` for a model (anything with `.generate(conversations, attributes, sampling,
     batch_size)` does)."""
-    from steerlm.generate import Generator
+    from steerlm.generator import Generator
 
-    return Generator.load(spec.path, dtype=cfg.dtype or None, template=config_lib.unless_auto(spec.template))
+    return Generator.load(spec.path, dtype=cfg.dtype, template=config_lib.unless_auto(spec.template))
 
 
 def load_measurer(path: str):

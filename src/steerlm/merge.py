@@ -18,7 +18,7 @@ from steerlm import config as config_lib
 from steerlm import model_card, models
 from steerlm.errors import UserError
 
-META = "steerlm_model.json"
+META = models.MODEL_META
 
 
 @dataclass
@@ -27,12 +27,13 @@ class Config:
     """LoRA adapter folder (e.g. runs/x/sft/best)."""
     out: str
     """Output folder for the merged model."""
-    dtype: str = ""
-    """dtype of the merged weights ('bf16', 'fp16'; default fp32)."""
+    dtype: str = "fp32"
+    """dtype of the merged weights: 'fp32', 'bf16', 'fp16' or 'auto' (the adapter's base model's own)."""
     overwrite: bool = False
     """Replace an existing output folder."""
 
     def __post_init__(self):
+        self.dtype = config_lib.dtype_choice(self.dtype)
         if Path(self.adapter).expanduser().resolve() == Path(self.out).expanduser().resolve():
             raise ValueError("out must differ from the adapter folder")
 
@@ -54,7 +55,7 @@ def main(cfg: Config) -> dict:
     out = Path(cfg.out)
     if out.exists() and any(out.iterdir()) and not cfg.overwrite:
         raise UserError("output folder exists; pass --overwrite to replace it", field="out")
-    merged, tokenizer, meta = merge(cfg.adapter, cfg.dtype or None)
+    merged, tokenizer, meta = merge(cfg.adapter, cfg.dtype)
     models.save_model(merged, tokenizer, out, META if meta is not None else None, meta)
     config_lib.save(cfg, out)
     # The card tells how the adapter was trained (its run's config and summary), now as a standalone model.

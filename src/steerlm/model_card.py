@@ -26,7 +26,9 @@ from steerlm.attributes import AttributeSchema
 from steerlm.io import atomic_write
 
 CARD = "README.md"
-META_NAMES = ("steerlm_model.json", "steerlm_apm.json", "steerlm_rm.json")
+#: The steerlm JSON beside a generative model, an APM and a reward model (docs/architecture.md, "Model folders").
+MODEL_META, APM_META, RM_META = "steerlm_model.json", "steerlm_apm.json", "steerlm_rm.json"
+META_NAMES = (MODEL_META, APM_META, RM_META)
 #: Hub ids of the built-in models (models.py), for `base_model`; the tiny random ones have none.
 BUILTIN_HUB_IDS = {
     "smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct",
@@ -137,9 +139,9 @@ def datasets_of(config: Mapping) -> list[tuple[str, str]]:
 
 
 def _stage(meta_name: str | None, meta: Mapping, config: Mapping) -> str:
-    if meta_name == "steerlm_apm.json":
+    if meta_name == APM_META:
         return "apm"
-    if meta_name == "steerlm_rm.json":
+    if meta_name == RM_META:
         return "reward"
     if "adapter" in config:
         return "merge"
@@ -319,7 +321,7 @@ def render(folder: str | Path, *, meta_name: str | None = None, meta: Mapping | 
     data = datasets_of(config)
     root = _root_base(base_name)
     license_ = BASE_LICENSES.get(base or root or "", "other")
-    generative = meta_name in (None, "steerlm_model.json") or meta.get("kind") == "generative"
+    generative = meta_name in (None, MODEL_META) or meta.get("kind") == "generative"
     front: dict[str, Any] = {}
     if base:
         front["base_model"] = base
@@ -364,7 +366,7 @@ def render(folder: str | Path, *, meta_name: str | None = None, meta: Mapping | 
         parts += ["## Attributes", "",
                   "The attribute line is `name:level` pairs joined by `,` in this order (SPEC §1).", "",
                   _table(rows, ("attribute", "levels")), ""]  # fmt: skip
-    if meta_name in (None, "steerlm_model.json"):
+    if meta_name in (None, MODEL_META):
         parts.append(
             _usage(str(shown), meta, schema if meta.get("conditioning", "attributes") == "attributes" else None)
         )

@@ -44,6 +44,7 @@ from steerlm.config import LoraArgs
 from steerlm.data import chat_template
 from steerlm.errors import UserError
 from steerlm.io import write_json
+from steerlm.model_card import APM_META, MODEL_META, RM_META
 
 SMOLLM2 = "smollm2-135m-instruct"
 MINILM = "minilm-l6"
@@ -57,7 +58,7 @@ _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Bump when what a cached folder holds changes (conversion recipe, tiny architecture), so stale caches are not used.
 _CACHE_VERSION = "v1"
 #: JSON files that steerlm writes beside a model (docs/architecture.md, "Model folders").
-META_NAMES = {"steerlm_model.json": "model", "steerlm_apm.json": "APM", "steerlm_rm.json": "reward model"}
+META_NAMES = {MODEL_META: "model", APM_META: "APM", RM_META: "reward model"}
 
 # Our stages show their own progress; transformers' per-load "Loading weights" bars would drown it.
 hf_logging.disable_progress_bar()
@@ -568,7 +569,7 @@ def _save_tokenizer(tokenizer, folder: Path, meta_name: str | None, meta: dict |
     attribute line (data/chat_template.py), set for the save only (the caller's tokenizer keeps its own)."""
     original = getattr(tokenizer, "chat_template", None)
     try:
-        if meta_name == "steerlm_model.json" and meta is not None:
+        if meta_name == MODEL_META and meta is not None:
             chat_template.install(tokenizer, meta)
         tokenizer.save_pretrained(folder)
     finally:

@@ -262,7 +262,7 @@ def run_check(model: str, apm_model: str, data_dir: Path, check: CheckArgs, out:
     from steerlm.bootstrap import training_prompts  # orchestrator: the prompts bootstrap samples
     from steerlm.conditioning import format_readout
     from steerlm.data.records import read_records
-    from steerlm.generate import Generator, SamplingArgs
+    from steerlm.generator import Generator, SamplingArgs
     from steerlm.steerability import format_table, mean_words, measure_attribute, plot_results, scorer_for
 
     generator = Generator.load(model)
@@ -341,7 +341,7 @@ def show_samples(report: dict, width: int = 600) -> str:
 def demo(model: str, check: CheckArgs) -> None:
     """A few answers to one prompt at different attribute settings."""
     from steerlm.data.records import Record, Turn
-    from steerlm.generate import Generator, SamplingArgs
+    from steerlm.generator import Generator, SamplingArgs
 
     generator = Generator.load(model)
     top = generator.schema.max_level

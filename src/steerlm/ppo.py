@@ -5,7 +5,7 @@
     steerlm ppo ... --ppo.ptx_coef=1.0 --ptx_data runs/rlhf/data/train.jsonl        # PPO-ptx
 
 One step:
-1. rollout: sample answers to `train.batch_size` prompts with the policy (the shared `generate.Generator` loop);
+1. rollout: sample answers to `train.batch_size` prompts with the policy (the shared `generator.Generator` loop);
 2. score: the reward model's r(x, y) (or a scripted reward function) for each answer;
 3. evaluate the sampled tokens: log π (policy), log π_ref (the frozen SFT model: a copy, or with LoRA the same
    weights with the adapter disabled) and values V (a linear value head on the policy's last hidden state);
@@ -53,7 +53,7 @@ from steerlm.data import invariants, preferences, templates
 from steerlm.data.collate import collate_lm, pad
 from steerlm.data.records import Record, Turn, read_records
 from steerlm.errors import UserError
-from steerlm.generate import META, Generator, SamplingArgs
+from steerlm.generator import META, Generator, SamplingArgs
 from steerlm.io import write_json, write_jsonl
 
 #: A scripted reward: (prompts, answers) -> one float per answer.

@@ -68,7 +68,7 @@ def records_file(data: str) -> Path:
 
 
 def main(cfg: Config) -> dict:
-    from steerlm.generate import Generator
+    from steerlm.generator import Generator
 
     gen = Generator.load(cfg.model)
     if gen.schema is None:

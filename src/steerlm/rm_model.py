@@ -19,7 +19,7 @@ from steerlm.data.records import Turn
 from steerlm.errors import UserError
 
 #: The steerlm JSON of a reward-model folder (`load_rm` requires it).
-META = "steerlm_rm.json"
+META = models.RM_META
 #: The head's file in the backbone + head layout (`heads.save`).
 HEAD = "reward_head.safetensors"
 #: The one label of a standard reward-model folder (`id2label`).

@@ -50,7 +50,7 @@ from steerlm.data.records import (
 from steerlm.errors import UserError
 from steerlm.io import write_json
 
-META = "steerlm_model.json"
+META = models.MODEL_META
 BEST = "best"
 SUMMARY = "summary.json"
 
@@ -113,9 +113,9 @@ class Config:
     attributes x L forward passes); 0: off."""
     skip_invalid: bool = False
     """Count and skip malformed records instead of stopping at the first."""
-    dtype: str = ""
-    """Weights dtype ('bf16', 'fp16'; default fp32). For mixed precision prefer `accelerate launch
-    --mixed_precision bf16`, which keeps fp32 master weights."""
+    dtype: str = "fp32"
+    """Weights dtype: 'fp32', 'bf16', 'fp16' or 'auto' (the checkpoint's own). For mixed precision (fp32 master
+    weights, bf16 compute) keep fp32 here and set `--train.precision`."""
     resume: bool = False
     """Continue an interrupted run from out/checkpoint (same settings)."""
     overwrite: bool = False
@@ -124,6 +124,7 @@ class Config:
     """Optimisation (SteerLM paper, full fine-tuning: lr 5e-6, weight decay 1e-2, 5 epochs; LoRA wants ~1e-4)."""
 
     def __post_init__(self):
+        self.dtype = config_lib.dtype_choice(self.dtype)
         self.attributes = config_lib.split_names(self.attributes)
         if self.template not in ("auto",) + templates.STYLES:
             raise ValueError(f"template must be 'auto', 'chat' or 'nemo', not {self.template!r}")
@@ -255,7 +256,7 @@ def base_meta(name: str) -> dict | None:
 def load_model(cfg: Config, accelerator):
     """(model, tokenizer, lora): the base model, with LoRA applied when `train.lora.r > 0`. A LoRA adapter folder as
     base keeps training its adapter (LoRA) or is merged into its base first (full fine-tuning)."""
-    model, tokenizer = models.load_causal_lm(cfg.model, dtype=cfg.dtype or None, device=accelerator.device,
+    model, tokenizer = models.load_causal_lm(cfg.model, dtype=cfg.dtype, device=accelerator.device,
                                              lora_trainable=cfg.train.lora.enabled)  # fmt: skip
     if hasattr(model, "merge_and_unload"):
         if cfg.train.lora.enabled:

@@ -21,8 +21,8 @@ from steerlm.data.preferences import read_prompts
 from steerlm.data.records import ASSISTANT, USER, Record, Turn
 from steerlm.errors import UserError
 from steerlm.evaluation.cache import CACHE_VERSION, MODELS, key_of, path_fingerprint
-from steerlm.generate import META as MODEL_META
-from steerlm.generate import SamplingArgs
+from steerlm.generator import META as MODEL_META
+from steerlm.generator import SamplingArgs
 
 if TYPE_CHECKING:  # the settings live in the stage module, which imports this one
     from steerlm.evaluate import Config, ModelSpec, PromptSet
@@ -181,7 +181,9 @@ def sampling_key(sampling: SamplingArgs) -> dict:
 
 
 def generation_key(cfg: Config, spec: ModelSpec, prompt: Prompt, attributes: dict | None) -> str:
-    return key_of({"v": CACHE_VERSION, "path": spec.path, "template": config_lib.unless_auto(spec.template) or "", "dtype": cfg.dtype,
+    # 'auto' and 'fp32' (the defaults) key as '', their old spelling, so caches written before stay valid.
+    dtype = "" if cfg.dtype == "fp32" else cfg.dtype
+    return key_of({"v": CACHE_VERSION, "path": spec.path, "template": config_lib.unless_auto(spec.template) or "", "dtype": dtype,
                    "prompt": prompt.json, "attributes": attributes,
                    "sampling": sampling_key(cfg.sampling_for(spec.name))})  # fmt: skip
 

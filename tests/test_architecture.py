@@ -16,8 +16,9 @@ STAGES = {module for module, _ in COMMANDS.values()}
 #: Modules that run other stages (their Config and main) and may import them: the two recipes, bootstrap (sample,
 #: re-annotate, fine-tune) and the command line itself.
 ORCHESTRATORS = {"steerlm.pipeline", "steerlm.rlhf", "steerlm.bootstrap", "steerlm.cli"}
-#: Packages that are part of a stage: `steerlm/evaluation/` holds the pieces of `steerlm evaluate`.
-STAGE_PACKAGES = {"steerlm.evaluation": "steerlm.evaluate"}
+#: Packages that are part of a stage: `steerlm/evaluation/` holds the pieces of `steerlm evaluate`, `steerlm/serving/`
+#: those of `steerlm serve`.
+STAGE_PACKAGES = {"steerlm.evaluation": "steerlm.evaluate", "steerlm.serving": "steerlm.serve"}
 #: (importer, stage) pairs allowed for now. `generate.Generator` (and its sampling settings and decoding steps) are
 #: still defined in the `steerlm generate` stage, and these modules decode with it; the decoding itself is
 #: `batching.Engine` (shared), so these entries go when `Generator` moves beside it.
@@ -28,6 +29,7 @@ ALLOWED = {
     ("steerlm.ppo", "steerlm.generate"),
     ("steerlm.readout", "steerlm.generate"),
     ("steerlm.serve", "steerlm.generate"),
+    ("steerlm.serving.service", "steerlm.generate"),
 }
 
 

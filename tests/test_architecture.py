@@ -16,8 +16,9 @@ STAGES = {module for module, _ in COMMANDS.values()}
 #: Modules that run other stages (their Config and main) and may import them: the two recipes, bootstrap (sample,
 #: re-annotate, fine-tune) and the command line itself.
 ORCHESTRATORS = {"steerlm.pipeline", "steerlm.rlhf", "steerlm.bootstrap", "steerlm.cli"}
-#: Packages that are part of a stage: `steerlm/evaluation/` holds the pieces of `steerlm evaluate`.
-STAGE_PACKAGES = {"steerlm.evaluation": "steerlm.evaluate"}
+#: Packages that are part of a stage: `steerlm/evaluation/` holds the pieces of `steerlm evaluate`, `steerlm/serving/`
+#: those of `steerlm serve`.
+STAGE_PACKAGES = {"steerlm.evaluation": "steerlm.evaluate", "steerlm.serving": "steerlm.serve"}
 
 
 def _modules() -> dict[str, ast.Module]:

@@ -62,7 +62,7 @@ def text_of(content) -> str:
 
 
 def as_record(messages, label: str | None) -> Record:
-    """The conversation as `steerlm serve` turns OpenAI messages into a Record (serve.py `record`)."""
+    """The conversation as `steerlm serve` turns OpenAI messages into a Record (`serving.service.Service.record`)."""
     system = [m["content"] for m in messages if m["role"] == "system"]
     turns = []
     for m in messages:

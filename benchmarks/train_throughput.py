@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-OASST = Path(os.environ.get("STEERLM_SHARED_DATA", ROOT.parent / "shared" / "data")) / "oasst1" / "oasst1-en-dev.jsonl"
+OASST = Path(os.environ.get("STEERLM_DATA") or ROOT.parent / "shared" / "data") / "oasst1" / "oasst1-en-dev.jsonl"
 #: name -> (trainer, precision, packed)
 VARIANTS = {
     "steerlm-fp32-padded": ("steerlm", "fp32", False),

@@ -8,7 +8,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("STEERLM_SHARED_DATA", ROOT.parent / "shared" / "data"))
+# The local copy of the data sets the presets read as $STEERLM_DATA (docs/spec.md, "Data sources"); this project's
+# machines keep one beside the repository.
+SHARED_DATA = Path(os.environ.get("STEERLM_DATA") or ROOT.parent / "shared" / "data")
+os.environ["STEERLM_DATA"] = str(SHARED_DATA)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -225,7 +225,7 @@ def substitute(text: str, tiny: Path, out: Path) -> str:
     )
     text = re.sub(r"(?<![\w/])runs/(?:[\w.-]+/)?apm(?:/best)?(?=[\s/]|$)", f"{tiny}/apm/best", text)
     text = re.sub(r"(?<![\w/])runs/(?:[\w.-]+/)?(?:data|prepare|annotate)(?=[\s/]|$)", f"{tiny}/data", text)
-    text = re.sub(r"\.\./shared/data/(\S+)", lambda m: str(_slice(SHARED_DATA / m[1], tiny.parent / "slices")), text)
+    text = re.sub(r"\$STEERLM_DATA/(\S+)", lambda m: str(_slice(SHARED_DATA / m[1], tiny.parent / "slices")), text)
     text = text.replace("smollm2-135m-instruct", "tiny-lm").replace("minilm-l6", "tiny-encoder")
     text = re.sub(r"--out[= ](\S+)", lambda m: f"--out={out / Path(m.group(1)).name}", text)
     return text

@@ -124,6 +124,27 @@ def test_candidate_sources_first_usable_wins(tmp_path, capsys, monkeypatch):
         prepare.main(cfg)
 
 
+def test_sources_expand_steerlm_data_and_name_an_unset_variable(tmp_path, monkeypatch):
+    """Presets name the local copy of the data as `$STEERLM_DATA/...` (docs/spec.md, "Data sources"): it expands as
+    in a shell; unset, the candidate gives way to the next with the variable named, and alone it is a UserError."""
+    from steerlm.data import formats
+
+    (tmp_path / "oasst1").mkdir()
+    (tmp_path / "oasst1" / "dev.jsonl").write_text("{}\n")
+    monkeypatch.setenv("STEERLM_DATA", str(tmp_path))
+    local = "$STEERLM_DATA/oasst1/dev.jsonl"
+    assert formats.local_path(local) == str(tmp_path / "oasst1" / "dev.jsonl")
+    assert formats.local_path("hub:$X/y") == "hub:$X/y"
+    assert formats.first_usable([local, "hub:X/y"], lambda s: s, what="source", field="source")[0] == str(
+        tmp_path / "oasst1" / "dev.jsonl")  # fmt: skip
+    monkeypatch.delenv("STEERLM_DATA")
+    with pytest.raises(UserError, match="environment variable STEERLM_DATA is not set"):
+        formats.local_path(local)
+    assert formats.first_usable([local, "hub:X/y"], lambda s: s, what="source", field="source")[0] == "hub:X/y"
+    with pytest.raises(UserError, match=r"^source: \$STEERLM_DATA/oasst1/dev.jsonl: the environment variable"):
+        formats.first_usable([local], lambda s: s, what="source", field="source")
+
+
 def test_first_usable_candidate_names_every_reason(tmp_path):
     from steerlm.data import formats, oasst
 

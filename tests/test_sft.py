@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SHARED_DATA
 
 from steerlm import cli, models, sft
 from steerlm.attributes import AttributeSchema
@@ -21,8 +22,7 @@ from steerlm.data.records import ASSISTANT, write_records
 from steerlm.generator import Generator, SamplingArgs
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("STEERLM_SHARED_DATA", ROOT.parent / "shared" / "data"))
-OASST = SHARED / "oasst1" / "oasst1-en-dev.jsonl"
+OASST = SHARED_DATA / "oasst1" / "oasst1-en-dev.jsonl"
 FULL = AttributeSchema()
 FAST = ["--model=tiny-lm", "--train.lr=0.01", "--train.warmup_ratio=0", "--train.batch_size=2", "--train.log_every=1"]
 

@@ -1,7 +1,7 @@
 """`steerlm annotate`: label every assistant turn of a conversation file with an APM, SteerLM step 2 (SPEC §5.2).
 
     steerlm annotate --apm runs/apm --input runs/data/train.jsonl --out runs/annotated/train.jsonl
-    steerlm annotate --apm runs/apm --input ../shared/data/hh-rlhf/harmless-base-dev.jsonl.gz --out runs/hh.jsonl
+    steerlm annotate --apm runs/apm --input $STEERLM_DATA/hh-rlhf/harmless-base-dev.jsonl.gz --out runs/hh.jsonl
     steerlm annotate ... --resume          # after an interruption: continue where it stopped
 
 Input: any conversation records file (SPEC §2), or HH-RLHF `{chosen, rejected}` transcripts (each pair gives its

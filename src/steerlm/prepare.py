@@ -1,8 +1,8 @@
 """Turn OASST / HH-RLHF / conversation files into train/validation conversation records (SPEC §2).
 
-    steerlm prepare --source=../shared/data/oasst1/oasst1-en-dev.jsonl --out=runs/data
+    steerlm prepare --source=$STEERLM_DATA/oasst1/oasst1-en-dev.jsonl --out=runs/data
     steerlm prepare --source=hub:OpenAssistant/oasst1 --attributes=paper --levels=5 --out=runs/oasst
-    steerlm prepare --source=../shared/data/hh-rlhf/harmless-base-dev.jsonl.gz --skip_invalid --out=runs/hh
+    steerlm prepare --source=$STEERLM_DATA/hh-rlhf/harmless-base-dev.jsonl.gz --skip_invalid --out=runs/hh
     steerlm prepare --source=hub:nvidia/HelpSteer2 --attributes=helpsteer --levels=5 --out=runs/helpsteer2
 
 Writes into `out`: `train.jsonl` and `val.jsonl` (VALUE_TO_TEXT records, for attribute-conditioned SFT),

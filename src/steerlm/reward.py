@@ -1,6 +1,6 @@
 """`steerlm train-rm`: a pairwise reward model, the RLHF baseline's second step (InstructGPT, SPEC §6).
 
-    steerlm train-rm ../shared/data/hh-rlhf/harmless-base-dev.jsonl.gz ../shared/data/oasst1/oasst1-en-dev.jsonl \\
+    steerlm train-rm $STEERLM_DATA/hh-rlhf/harmless-base-dev.jsonl.gz $STEERLM_DATA/oasst1/oasst1-en-dev.jsonl \\
         --out runs/rm --skip_invalid
     steerlm train-rm runs/data/train.jsonl --model smollm2-135m-instruct --train.lora.r=8 --train.lr=2e-4
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from steerlm import config as config_lib
-from steerlm.data import hh, oasst, preferences
+from steerlm.data import formats, hh, oasst, preferences
 from steerlm.data.records import write_records
 from steerlm.errors import UserError
 from steerlm.io import read_jsonl, write_json, write_jsonl
@@ -39,10 +39,10 @@ class DataArgs:
     """Where the preference data come from and how the demonstrations are chosen."""
 
     oasst: list[str] = field(
-        default_factory=lambda: ["../shared/data/oasst1/oasst1-en-dev.jsonl", "hub:OpenAssistant/oasst1"]
+        default_factory=lambda: ["$STEERLM_DATA/oasst1/oasst1-en-dev.jsonl", "hub:OpenAssistant/oasst1"]
     )
-    """OASST sources (flat rows or trees dump, local or hub:ID); the first local file that exists is used, else the
-    first hub id; empty: none."""
+    """OASST sources (flat rows or trees dump, local or hub:ID; `$STEERLM_DATA` and other variables expanded); the
+    first usable one in order is used (a local file that exists, or a hub id); empty: none."""
     hh: list[str] = field(default_factory=list)
     """HH-RLHF sources ({chosen, rejected} JSONL[.gz], or hub:ID), picked as for `oasst`; empty: none."""
     max_trees: int = 0
@@ -102,16 +102,11 @@ class Config:
 
 
 def pick_source(candidates: list[str], what: str) -> str | None:
-    """The first candidate that is an existing file, else the first `hub:` id; None when there are none."""
+    """The first usable candidate (`formats.first_usable`: an existing path, variables such as `$STEERLM_DATA`
+    expanded, or a `hub:` id, read later); None when there are none. UserError when none is usable."""
     if not candidates:
         return None
-    for c in candidates:
-        if not c.startswith("hub:") and Path(c).is_file():
-            return c
-    hub = [c for c in candidates if c.startswith("hub:")]
-    if hub:
-        return hub[0]
-    raise UserError(f"none of the {what} sources exists: {', '.join(candidates)}", field=f"data.{what}")
+    return formats.first_usable(candidates, lambda source: None, what=f"{what} source", field=f"data.{what}")[0]
 
 
 def _raw_rows(source: str) -> list[tuple[int, Any]]:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from steerlm import config as config_lib
 from steerlm import models
 from steerlm.attributes import AttributeSchema
+from steerlm.data import formats
 from steerlm.data.preferences import read_prompts
 from steerlm.data.records import ASSISTANT, USER, Record, Turn
 from steerlm.errors import UserError
@@ -42,8 +43,8 @@ class Prompt:
 
 def read_prompt_set(ps: PromptSet) -> list[Prompt]:
     """The prompts of one set (the formats of `data.preferences.read_prompts`; per-prompt attributes in the file
-    are ignored)."""
-    items = read_prompts(ps.path)
+    are ignored; `$STEERLM_DATA` and other variables in the path expanded)."""
+    items = read_prompts(formats.local_path(ps.path))
     if ps.limit:
         items = items[: ps.limit]
     if not items:

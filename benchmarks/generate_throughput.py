@@ -49,7 +49,7 @@ def prompt_ids(gen: Generator, n: int) -> list[list[int]]:
 
 def steerlm_run(gen: Generator, prompts: list[list[int]], a) -> int:
     sampling = SamplingArgs(max_new_tokens=a.new_tokens, min_new_tokens=a.new_tokens, greedy=True, stop=[])
-    return sum(len(g.tokens) for g in gen.generate_ids(prompts, sampling, a.batch_size, raw=True))
+    return sum(len(g.token_ids) for g in gen.generate_ids(prompts, sampling, a.batch_size, raw=True))
 
 
 def transformers_run(gen: Generator, prompts: list[list[int]], a) -> int:

@@ -1,0 +1,58 @@
+"""The benchmarks that docs/performance.md quotes run, on tiny models in seconds, so that a changed API cannot
+break them unnoticed (their figures come from real models on an idle machine, never from tests)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def run_benchmark(name: str, *args: str, timeout: float = 300) -> str:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_generate_throughput_compares_steerlm_with_transformers(tmp_path):
+    out = run_benchmark("generate_throughput", "--model=tiny-lm", "--prompts=2", "--batch_size=2", "--new_tokens=3",
+                        "--repeats=2", "--dtypes=fp32", f"--out={tmp_path}")  # fmt: skip
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["runs"]) == {"steerlm-fp32", "transformers-fp32"}
+    assert all(len(xs) == 2 and min(xs) > 0 for xs in results["runs"].values())
+    assert len(results["ratios"]["steerlm / transformers, fp32"]) == 2 and "| steerlm-fp32 |" in out
+
+
+def test_guidance_cost_measures_both_scales(tmp_path):
+    run_benchmark("guidance_cost", "--tiny", "--prompts=2", "--tokens=3", "--repeats=1", "--threads=1",
+                  f"--json={tmp_path / 'g.json'}")  # fmt: skip
+    numbers = json.loads((tmp_path / "g.json").read_text())
+    assert numbers and all(v > 0 for v in _floats(numbers))
+
+
+def test_train_throughput_runs_steerlm_padded_and_packed(tmp_path):
+    run_benchmark("train_throughput", "--model=tiny-lm", "--records=8", "--batch_size=2", "--max_length=256",
+                  "--steps=1", "--repeats=1", "--variants=steerlm-fp32-padded,steerlm-fp32-packed",
+                  f"--out={tmp_path}")  # fmt: skip
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert {"steerlm-fp32-padded", "steerlm-fp32-packed"} <= set(results["runs"])
+
+
+def test_serve_throughput_runs_both_phases(tmp_path):
+    out = run_benchmark("serve_throughput", "--requests=2", "--max_tokens=2", "--concurrency=2",
+                        f"--json={tmp_path / 's.json'}")  # fmt: skip
+    assert "concurrent/sequential throughput" in out and (tmp_path / "s.json").exists()
+
+
+def _floats(value) -> list[float]:
+    """Every number in a JSON value."""
+    if isinstance(value, dict):
+        return [x for v in value.values() for x in _floats(v)]
+    if isinstance(value, list):
+        return [x for v in value for x in _floats(v)]
+    return [float(value)] if isinstance(value, (int, float)) and not isinstance(value, bool) else []

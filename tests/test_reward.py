@@ -152,7 +152,8 @@ def test_train_rm_learns_a_preference_and_loads_back(tmp_path):
                     "--train.batch_size", "4", "--train.log_every", "2"])  # fmt: skip
     assert code == 0
     meta = json.loads((out / "steerlm_rm.json").read_text())
-    assert meta["backbone"] == "encoder" and meta["pooling"] == "mean" and meta["step_metrics"]["val_accuracy"] == 1.0
+    assert meta["backbone"] == "encoder" and meta["pooling"] == "cls" and meta["step_metrics"]["val_accuracy"] == 1.0
+    assert meta["layout"] == heads.SEQ_CLS  # the default encoder reward model is a standard folder
     summary = json.loads((out / "summary.json").read_text())
     assert summary["best_metrics"]["val_margin"] > summary["untrained"]["val_margin"]
     assert not (out / "checkpoint").exists()
@@ -366,7 +367,10 @@ def test_pairs_identical_after_tokenization_are_dropped_and_counted(tmp_path):
 
 def test_train_rm_on_the_issue_input_keeps_every_pair_distinct(tmp_path):
     data = yes_no_pairs(tmp_path / "pairs.jsonl")
+    # mean pooling: every kept token moves the score, so a margin above float noise shows the two sides differ
+    # (a random tiny encoder's pooler reads [CLS] alone and barely moves after one step)
     summary = reward.main(reward.Config(data=[data], val_data=[data], out=str(tmp_path / "rm"), model="tiny-encoder",
+                                        pooling="mean",
                                         train=reward.RMTrainArgs(max_steps=1, max_length=32, batch_size=6)))  # fmt: skip
     counts = summary["data"]
     assert counts["train:pairs.jsonl"]["train_pairs"] == 6 and counts["val:pairs.jsonl"]["val_pairs"] == 6

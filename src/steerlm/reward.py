@@ -78,8 +78,9 @@ class Config:
     pooling: Literal["auto", "last", "mean", "cls"] = "auto"
     """Read-out: the 'last' real token (SPEC §6; a causal LM reads a final EOS), the 'mean' over tokens, or 'cls' =
     an encoder's pooler on its first token (what `BertForSequenceClassification` computes); 'auto' = last for
-    causal LMs, mean for encoders (how sentence encoders such as MiniLM were trained). 'last' on a causal LM and
-    'cls' save a standard transformers folder; 'mean' has no transformers class (backbone + head file)."""
+    causal LMs, and for encoders cls when they have a pooler (MiniLM does), else mean. 'last' on a causal LM and
+    'cls' save a standard transformers folder, the reward model TRL users load with
+    `AutoModelForSequenceClassification`; 'mean' has no transformers class (backbone + head file)."""
     val_fraction: float = 0.1
     """Without `val_data`: the share of OASST trees / HH pairs held out to measure pairwise accuracy."""
     max_prompts: int = 0
@@ -269,7 +270,7 @@ def main(cfg: Config) -> dict:
     if backbone == "encoder" and cfg.train.lora.enabled:
         raise UserError("LoRA is offered for causal LM backbones; fine-tune an encoder fully (lora.r=0)",
                         field="train.lora.r")  # fmt: skip
-    pooling = cfg.pooling if cfg.pooling != "auto" else ("mean" if backbone == "encoder" else "last")
+    pooling = cfg.pooling if cfg.pooling != "auto" else ("last" if backbone == "causal" else "auto")
 
     # 1. comparisons: every ranked pair of each prompt, split by OASST tree / HH pair
     train_c, val_c, counts = read_comparisons(cfg)
@@ -280,6 +281,8 @@ def main(cfg: Config) -> dict:
     base, tokenizer = models.load_encoder(cfg.model, device=torch.device("cpu"))
     if hasattr(base, "merge_and_unload"):  # e.g. initialised from a LoRA SFT model (InstructGPT starts from SFT)
         base = base.merge_and_unload()
+    if pooling == "auto":  # an encoder: read through its pooler where it has one, so the folder is a standard one
+        pooling = "cls" if getattr(base, "pooler", None) is not None else "mean"
     if pooling == "cls" and (backbone != "encoder" or getattr(base, "pooler", None) is None):
         raise UserError(f"{cfg.model!r} has no pooler for the 'cls' read-out; use mean or last", field="pooling")
     if backbone == "causal":

@@ -297,7 +297,7 @@ def main(cfg: Config) -> dict:
         raise UserError(f"a generative APM needs a causal LM; {cfg.model!r} is an encoder", field="model")
     if backbone == "encoder" and cfg.train.lora.enabled:
         raise UserError("LoRA is offered for causal LM backbones; fine-tune an encoder fully (lora.r=0)", field="train.lora.r")  # fmt: skip
-    pooling = "last" if cfg.pooling == "auto" and backbone == "causal" else cfg.pooling  # encoders: below
+    pooling = None  # the regression APM's read-out, resolved once its backbone is loaded
 
     # 1. examples: one per labelled assistant turn, deduplicated across the paths of a tree
     train_file, val_file = data_files(cfg.data, cfg.kind)
@@ -329,10 +329,7 @@ def main(cfg: Config) -> dict:
         input_format = cfg.input if cfg.input != "auto" else ("pair" if has_pair_tokens(tokenizer) else "plain")
         if input_format == "pair" and (backbone != "encoder" or not has_pair_tokens(tokenizer)):
             raise UserError("the 'pair' input needs an encoder whose tokenizer has [CLS] and [SEP]", field="input")
-        if pooling == "auto":
-            pooling = "cls" if getattr(models.unwrap(base), "pooler", None) is not None else "mean"
-        if pooling == "cls" and getattr(models.unwrap(base), "pooler", None) is None:
-            raise UserError(f"{cfg.model!r} has no pooler for the 'cls' read-out; use mean or last", field="pooling")
+        pooling = heads.resolve_pooling(cfg.pooling, backbone, base, cfg.model)
         heads.freeze_unused(base, pooler_used=pooling == "cls")
         base = models.apply_lora(base, cfg.train.lora)
         torch.manual_seed(cfg.train.seed)

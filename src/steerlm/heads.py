@@ -105,6 +105,19 @@ def backbone_kind(name: str) -> str:
     return "causal"
 
 
+def resolve_pooling(requested: str, backbone: str, base: nn.Module, model_name: str) -> str:
+    """The read-out of a head model on `base`: `requested`, or for 'auto' the last token of a causal LM and, on an
+    encoder, its pooler where it has one (so that the folder is a standard one, `as_sequence_classifier`), else the
+    mean. Raises UserError for 'cls' on a model without a pooler."""
+    has_pooler = getattr(models.unwrap(base), "pooler", None) is not None
+    pooling = requested
+    if requested == "auto":
+        pooling = "last" if backbone == "causal" else "cls" if has_pooler else "mean"
+    if pooling == "cls" and (backbone != "encoder" or not has_pooler):
+        raise UserError(f"{model_name!r} has no pooler for the 'cls' read-out; use mean or last", field="pooling")
+    return pooling
+
+
 def freeze_unused(backbone: nn.Module, pooler_used: bool = False) -> None:
     """Parameters the read-out never touches get no gradient; freeze them so that 'every trainable parameter
     changed' holds (BERT's pooler unless `pooler_used`, an untied LM head)."""

@@ -270,7 +270,6 @@ def main(cfg: Config) -> dict:
     if backbone == "encoder" and cfg.train.lora.enabled:
         raise UserError("LoRA is offered for causal LM backbones; fine-tune an encoder fully (lora.r=0)",
                         field="train.lora.r")  # fmt: skip
-    pooling = cfg.pooling if cfg.pooling != "auto" else ("last" if backbone == "causal" else "auto")
 
     # 1. comparisons: every ranked pair of each prompt, split by OASST tree / HH pair
     train_c, val_c, counts = read_comparisons(cfg)
@@ -281,10 +280,7 @@ def main(cfg: Config) -> dict:
     base, tokenizer = models.load_encoder(cfg.model, device=torch.device("cpu"))
     if hasattr(base, "merge_and_unload"):  # e.g. initialised from a LoRA SFT model (InstructGPT starts from SFT)
         base = base.merge_and_unload()
-    if pooling == "auto":  # an encoder: read through its pooler where it has one, so the folder is a standard one
-        pooling = "cls" if getattr(base, "pooler", None) is not None else "mean"
-    if pooling == "cls" and (backbone != "encoder" or getattr(base, "pooler", None) is None):
-        raise UserError(f"{cfg.model!r} has no pooler for the 'cls' read-out; use mean or last", field="pooling")
+    pooling = heads.resolve_pooling(cfg.pooling, backbone, base, cfg.model)
     if backbone == "causal":
         heads.pad_apart_from_eos(tokenizer, base)
     heads.freeze_unused(base, pooler_used=pooling == "cls")

@@ -182,7 +182,7 @@ def sampling_key(sampling: SamplingArgs) -> dict:
 
 
 def generation_key(cfg: Config, spec: ModelSpec, prompt: Prompt, attributes: dict | None) -> str:
-    # 'auto' and 'fp32' (the defaults) key as '', their old spelling, so caches written before stay valid.
+    # fp32, the default, keys as '' (its old spelling), so that caches written before stay valid.
     dtype = "" if cfg.dtype == "fp32" else cfg.dtype
     return key_of({"v": CACHE_VERSION, "path": spec.path, "template": config_lib.unless_auto(spec.template) or "", "dtype": dtype,
                    "prompt": prompt.json, "attributes": attributes,

@@ -14,16 +14,14 @@ from __future__ import annotations
 import argparse
 import copy
 import time
-from pathlib import Path
 
 import torch
+from local_data import DATA
 
 from steerlm import annotate, apm_model, heads, models
 from steerlm.attributes import AttributeSchema
 
-DEFAULT_INPUT = (
-    Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hh-rlhf" / "harmless-base-dev.jsonl.gz"
-)
+DEFAULT_INPUT = DATA / "hh-rlhf" / "harmless-base-dev.jsonl.gz"
 
 
 def untrained_apm(backbone_name: str) -> apm_model.APM:

@@ -20,10 +20,12 @@ import statistics
 import time
 from pathlib import Path
 
+from local_data import DATA
+
 from steerlm import apm, apm_model, config, prepare
 
 ROOT = Path(__file__).resolve().parents[1]
-OASST = ROOT.parent / "shared" / "data" / "oasst1" / "oasst1-en-dev.jsonl"
+OASST = DATA / "oasst1" / "oasst1-en-dev.jsonl"
 FOCUS = ("quality", "helpfulness", "humor", "creativity")
 
 

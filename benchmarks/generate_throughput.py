@@ -14,20 +14,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from local_data import DATA
 from transformers import GenerationConfig
 
 from steerlm import models
 from steerlm.generator import Generator, SamplingArgs
 
 ROOT = Path(__file__).resolve().parents[1]
-PROMPTS = (Path(os.environ.get("STEERLM_DATA") or ROOT.parent / "shared" / "data") / "prompts"
-           / "oasst_prompt_lottery_en_250.jsonl")  # fmt: skip
+PROMPTS = DATA / "prompts" / "oasst_prompt_lottery_en_250.jsonl"
 
 
 def parse_args(argv=None):

@@ -21,14 +21,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from local_data import DATA
 
 from steerlm import models
 from steerlm.attributes import AttributeSchema
 from steerlm.generator import Generator, SamplingArgs
 
-PROMPTS = (
-    Path(__file__).resolve().parents[1].parent / "shared" / "data" / "prompts" / "oasst_prompt_lottery_en_250.jsonl"
-)
+PROMPTS = DATA / "prompts" / "oasst_prompt_lottery_en_250.jsonl"
 FALLBACK = ["Tell me about the moon.", "How do I sort a list in Python?", "Write a haiku about autumn.",
             "What causes rain?", "Explain recursion to a child.", "Give me three tips for sleeping better.",
             "Why is the sky blue?", "Summarise the plot of Hamlet."]  # fmt: skip

@@ -17,9 +17,11 @@ import json
 import time
 from pathlib import Path
 
+from local_data import DATA
+
 from steerlm import annotate, apm_model
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hh-rlhf"
+HH = DATA / "hh-rlhf"
 FILES = ("helpful-base-dev.jsonl.gz", "harmless-base-dev.jsonl.gz")
 SHOWN = ("quality", "helpfulness", "humor", "creativity", "toxicity", "violence")
 
@@ -41,7 +43,7 @@ def main() -> None:
         raise SystemExit(f"{args.apm} has no calibration map (trained before issue #13); pass --data")
     records = []
     for name in FILES:
-        recs, _ = annotate.read_input(DATA / name, "hh", skip_invalid=True)
+        recs, _ = annotate.read_input(HH / name, "hh", skip_invalid=True)
         records += recs[: 2 * args.pairs]
     start = time.time()
     preds = model.predict(records, batch_size=32)

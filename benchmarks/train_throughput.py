@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import subprocess
@@ -26,8 +25,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from local_data import DATA
+
 ROOT = Path(__file__).resolve().parents[1]
-OASST = Path(os.environ.get("STEERLM_DATA") or ROOT.parent / "shared" / "data") / "oasst1" / "oasst1-en-dev.jsonl"
+OASST = DATA / "oasst1" / "oasst1-en-dev.jsonl"
 #: name -> (trainer, precision, packed)
 VARIANTS = {
     "steerlm-fp32-padded": ("steerlm", "fp32", False),

@@ -25,7 +25,6 @@ from transformers import GenerationConfig
 from steerlm import models
 from steerlm.generator import Generator, SamplingArgs
 
-ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = DATA / "prompts" / "oasst_prompt_lottery_en_250.jsonl"
 
 

@@ -27,7 +27,6 @@ from pathlib import Path
 
 from local_data import DATA
 
-ROOT = Path(__file__).resolve().parents[1]
 OASST = DATA / "oasst1" / "oasst1-en-dev.jsonl"
 #: name -> (trainer, precision, packed)
 VARIANTS = {

@@ -64,6 +64,17 @@ def test_fit_learns_keeps_best_and_logs(tmp_path):
     assert all(k in rows[0] for k in ("step", "epoch", "loss", "lr"))
 
 
+def test_bf16_training_leaves_a_model_that_computes_as_its_saved_weights(tmp_path):
+    # accelerate's mixed precision wraps `forward` in autocast in place; after `fit` the caller's model must compute
+    # in its own dtype, as the folder it saved does when loaded (seen on a CPU with AMX: bf16 predictions in memory)
+    model = fresh_model()
+    fit(model, EXAMPLES, collate, make_loss(), TrainArgs(max_steps=2, batch_size=4, precision="bf16"), tmp_path)
+    reloaded = fresh_model()
+    reloaded.load_state_dict(model.state_dict())
+    x = torch.randn(5, 3)
+    assert torch.equal(model(x), reloaded(x))
+
+
 def test_killed_run_resumes_to_the_same_weights(tmp_path):
     reference = fresh_model()
     fit(reference, EXAMPLES, collate, make_loss(), ARGS, tmp_path / "ref", evaluate=evaluate)

@@ -341,6 +341,9 @@ def fit(
         last_eval = run_eval()
     _save_checkpoint(accelerator, out, state)
     log.close()
+    # accelerate's mixed precision patched `model.forward` with autocast in place; take it off, so that the caller's
+    # model computes as the saved folder does when it is loaded again (fp32 masters, no autocast)
+    accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     summary = {"steps": state["step"], "epochs": round(state["step"] / steps_per_epoch, 2), "best": state["best"], "best_step": state["best_step"],
                "seconds": round(time.time() - start, 1), "precision": precision_of(accelerator),
                **{f"last_{k}": v for k, v in last_eval.items()}}  # fmt: skip

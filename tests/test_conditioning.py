@@ -149,6 +149,32 @@ def test_readout_rises_above_chance_with_the_discriminative_term_and_beats_plain
     assert with_term["accuracy"] > plain["accuracy"] and with_term["spearman"] > (plain["spearman"] or 0) + 0.3
 
 
+def test_readout_scores_the_true_line_once_per_answer_and_matches_scoring_each_attribute_alone(monkeypatch):
+    torch.manual_seed(0)
+    model, tok = models.tiny_causal_lm()
+    model.eval()
+    items = conditioning.readout_items(synthetic(3, seed=5), SCHEMA)
+    score = conditioning.answer_logps
+    scored = []
+
+    def spy(model, examples, *args, **kwargs):
+        scored.append(len(examples))
+        return score(model, examples, *args, **kwargs)
+
+    monkeypatch.setattr(conditioning, "answer_logps", spy)
+    result = conditioning.readout(model, tok, items, SCHEMA, "chat", 256, batch_size=1)
+    assert sum(scored) == 3 * (2 * (4 - 1) + 1)  # 2 attributes x 3 other levels, + the true line once, per answer
+    for name in SCHEMA.names:  # reference: every level of one attribute scored on its own
+        expected = []
+        for it in items:
+            base = SCHEMA.parse(it.record.conversations[it.turn].label)
+            rows = [templates.encode(conditioning._copy(it.record, {it.turn: SCHEMA.render({**base, name: level})}),
+                                     tok, "chat") for level in range(4)]  # fmt: skip
+            post = torch.softmax(torch.tensor(score(model, rows, tok.pad_token_id, 1, "cpu")), dim=0)
+            expected.append(float((post * torch.arange(4)).sum()))
+        assert result[name]["mean_expected"] == pytest.approx(sum(expected) / len(expected), abs=1e-5)
+
+
 def test_sft_logs_the_readout_and_the_discriminative_term(tmp_path):
     data = tmp_path / "data"
     data.mkdir()

@@ -5,7 +5,7 @@ import json
 import pytest
 from conftest import SHARED_DATA
 
-from steerlm import bootstrap, cli
+from steerlm import bootstrap, cli, pipeline, steerability
 from steerlm.attributes import AttributeSchema
 from steerlm.data.records import read_records
 
@@ -50,6 +50,26 @@ def test_rerun_skips_finished_stages_and_reruns_changed_ones(tiny_run, capsys):
         assert f"[{stage}] up to date" in text
     for stage in ("sft", "bootstrap", "check"):  # sft changed, and everything downstream of it
         assert f"[{stage}] running" in text
+
+
+def test_check_decodes_in_batches_of_its_batch_size(tiny_run, tmp_path, monkeypatch):
+    out, _ = tiny_run
+    seen = []
+    measure = steerability.measure_attribute
+
+    def spy(*args, batch_size, **kwargs):
+        seen.append(batch_size)
+        return measure(*args, batch_size=batch_size, **kwargs)
+
+    monkeypatch.setattr(steerability, "measure_attribute", spy)
+    check = pipeline.CheckArgs(attributes=["verbosity"], levels_for={"verbosity": [0, 9]}, num_prompts=3,
+                               max_new_tokens=4, batch_size=5)  # fmt: skip
+    report = pipeline.run_check(str(out / "sft" / "best"), str(out / "apm" / "best"), out / "data", check, tmp_path)
+    assert seen == [5]
+    assert report["attributes"]["verbosity"]["requested"] == [0, 9]
+    assert (tmp_path / "steerability.json").exists()
+    with pytest.raises(ValueError, match="batch_size"):
+        pipeline.CheckArgs(batch_size=0)
 
 
 def test_bootstrap_labels_come_from_the_apm(tiny_run):

@@ -445,30 +445,43 @@ def readout(model, tokenizer, items: Sequence[ReadoutItem], schema: AttributeSch
     of that attribute (the others at their true levels) turned into a posterior by Bayes' rule with a uniform prior
     (GeDi §3). Per attribute: `spearman` of the expected level against the true one, `accuracy` (argmax == true),
     `within1` (|argmax - true| <= 1), `chance` (1/L: a uniform guess), `n`. Items whose answer truncation leaves
-    nothing to score are skipped. Cost: items x attributes x L forward passes of up to `max_length` tokens."""
+    nothing to score are skipped. Cost: items x (attributes x (L - 1) + 1) forward passes of up to `max_length`
+    tokens (the answer under its true line is scored once per item)."""
     from scipy.stats import spearmanr
 
     device = device or next(model.parameters()).device
     L = schema.levels
     per: dict[str, list[tuple[int, float, int]]] = {}
     names = [n for n in schema.names if any(n in it.levels for it in items)]
-    jobs = [(it, n) for it in items for n in names if n in it.levels]
-    for k, (it, name) in enumerate(jobs):
+    total = sum(n in it.levels for it in items for n in names)
+    done = 0
+    for it in items:
         base = schema.parse(it.record.conversations[it.turn].label, ignore_unknown=True)
-        examples = [templates.encode(_copy(it.record, {it.turn: schema.render({**base, name: level})}), tokenizer,
-                                     style, max_length) for level in range(L)]  # fmt: skip
-        if any(e is None for e in examples):
-            continue
-        shortest = examples[0]["labels"]  # the answer tokens every level's encoding still holds
-        for e in examples[1:]:
-            shortest, _ = align_trained(shortest, e["labels"])
-        examples = [{"input_ids": e["input_ids"], "labels": align_trained(e["labels"], shortest)[0]} for e in examples]
-        logps = torch.tensor(answer_logps(model, examples, tokenizer.pad_token_id, batch_size, device))
-        post = torch.softmax(logps, dim=0)
-        expected = float((post * torch.arange(L)).sum())
-        per.setdefault(name, []).append((it.levels[name], expected, int(post.argmax())))
+        by_name: dict[str, list[dict]] = {}
+        for name in (n for n in names if n in it.levels):
+            examples = [templates.encode(_copy(it.record, {it.turn: schema.render({**base, name: level})}), tokenizer,
+                                         style, max_length) for level in range(L)]  # fmt: skip
+            if any(e is None for e in examples):
+                continue
+            shortest = examples[0]["labels"]  # the answer tokens every level's encoding still holds
+            for e in examples[1:]:
+                shortest, _ = align_trained(shortest, e["labels"])
+            by_name[name] = [{"input_ids": e["input_ids"], "labels": align_trained(e["labels"], shortest)[0]}
+                             for e in examples]  # fmt: skip
+        # the answer under its true line recurs in every attribute's row of levels: score each sequence once
+        unique: dict[tuple, int] = {}
+        for e in (e for rows in by_name.values() for e in rows):
+            unique.setdefault((tuple(e["input_ids"]), tuple(e["labels"])), len(unique))
+        scored = answer_logps(model, [{"input_ids": list(k[0]), "labels": list(k[1])} for k in unique],
+                              tokenizer.pad_token_id, batch_size, device)  # fmt: skip
+        for name, rows in by_name.items():
+            logps = torch.tensor([scored[unique[(tuple(e["input_ids"]), tuple(e["labels"]))]] for e in rows])
+            post = torch.softmax(logps, dim=0)
+            expected = float((post * torch.arange(L)).sum())
+            per.setdefault(name, []).append((it.levels[name], expected, int(post.argmax())))
+        done += sum(n in it.levels for n in names)
         if progress is not None:
-            progress(k + 1, len(jobs))
+            progress(done, total)
     result = {}
     for name, rows in per.items():
         true = [t for t, _, _ in rows]

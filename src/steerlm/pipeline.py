@@ -38,6 +38,10 @@ class CheckArgs:
     """Longest answer."""
     temperature: float = 0.7
     """Sampling temperature of the check's answers."""
+    batch_size: int = 16
+    """Answers decoded together. A batch runs until its longest answer ends, so the number of batches sets the
+    check's time: the quickstart's 40 verbosity answers (8 prompts x 5 levels) take two batches at 20, three at 16.
+    The answers depend on it (rows of a batch share one seeded sampler)."""
     repetition_penalty: float = 1.0
     """CTRL's repetition penalty of the check's and the demo's answers (1: none). Measured on the quickstart's model
     (docs/pipeline.md): 1.3 stops its long answers looping but makes the short ones run on (verbosity Spearman +0.75
@@ -55,6 +59,10 @@ class CheckArgs:
         default_factory=lambda: [{}, {"humor": 9}, {"quality": 0}, {"creativity": 9, "humor": 9}]
     )
     """Attribute settings of the final demo (levels above the model's top are clipped to it)."""
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, not {self.batch_size}")
 
 
 @dataclass
@@ -283,7 +291,9 @@ def run_check(model: str, apm_model: str, data_dir: Path, check: CheckArgs, out:
             sampling = SamplingArgs(max_new_tokens=int(check.max_new_tokens_for.get(a, check.max_new_tokens)),
                                     temperature=check.temperature, seed=check.seed, guidance_scale=scale,
                                     repetition_penalty=check.repetition_penalty)  # fmt: skip
-            results.append(measure_attribute(generator, s, prompts, a, sorted(set(levels)), sampling, batch_size=16))
+            results.append(
+                measure_attribute(generator, s, prompts, a, sorted(set(levels)), sampling, batch_size=check.batch_size)
+            )
         return results
 
     results = at(check.guidance_scale)

@@ -40,12 +40,13 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--dtype", default="fp32", help="weights for generation: fp32 (the pipeline check's), bf16")
     parser.add_argument("--fixed", default="", help="levels held fixed while one attribute moves, e.g. quality=4")
     parser.add_argument("--png", default="", help="plot requested vs measured level per attribute (first scale)")
     parser.add_argument("--out", default="", help="write the report (JSON) here")
     args = parser.parse_args()
 
-    gen = Generator.load(args.model)
+    gen = Generator.load(args.model, dtype=None if args.dtype == "fp32" else args.dtype)
     apm = None
     if args.apm:
         from steerlm.apm_model import load_apm
@@ -59,7 +60,8 @@ def main() -> None:
     prompts = random.Random(args.seed).sample(prompts, min(args.prompts, len(prompts)))
     levels = [int(x) for x in args.levels.split(",")]
     report: dict = {"model": args.model, "apm": args.apm, "levels": levels, "prompts": len(prompts),
-                    "reference": args.reference, "scales": {}}  # fmt: skip
+                    "reference": args.reference, "dtype": args.dtype, "batch_size": args.batch_size,
+                    "scales": {}}  # fmt: skip
     for scale in [float(x) for x in args.scales.split(",")]:
         sampling = SamplingArgs(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
                                 guidance_scale=scale, guidance_reference=args.reference)  # fmt: skip
@@ -81,6 +83,7 @@ def main() -> None:
                                                                                          strict=True)))  # fmt: skip
         print(f"\nguidance scale {scale:g} ({time.time() - start:.0f} s), " + format_table(results), flush=True)
         report["scales"][f"{scale:g}"] = {r.attribute: r.to_json() for r in results}
+        report.setdefault("seconds", {})[f"{scale:g}"] = round(time.time() - start, 1)
         if args.png and len(report["scales"]) == 1:
             plot_results(results, args.png, f"{args.model}, guidance scale {scale:g}")
     if args.out:

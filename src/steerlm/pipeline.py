@@ -39,9 +39,9 @@ class CheckArgs:
     temperature: float = 0.7
     """Sampling temperature of the check's answers."""
     batch_size: int = 16
-    """Answers decoded together. A batch runs until its longest answer ends, so the number of batches sets the
-    check's time: the quickstart's 40 verbosity answers (8 prompts x 5 levels) take two batches at 20, three at 16.
-    The answers depend on it (rows of a batch share one seeded sampler)."""
+    """Answers decoded together. The answers depend on it (the rows of a batch share one seeded sampler). Measured on
+    the quickstart's model (2-core Xeon, docs/pipeline.md), its 40 verbosity answers took 162 s at 16 and 176 s at
+    20 (two batches instead of three, but each runs to its longest answer): a larger batch did not pay here."""
     repetition_penalty: float = 1.0
     """CTRL's repetition penalty of the check's and the demo's answers (1: none). Measured on the quickstart's model
     (docs/pipeline.md): 1.3 stops its long answers looping but makes the short ones run on (verbosity Spearman +0.75

@@ -60,7 +60,8 @@ class ConditioningLossArgs:
     distance_power: float = 1.0
     """How a corrupted level is drawn: another level, with probability proportional to |new - true| **
     distance_power. 1 (default) favours far levels, whose difference the answer shows most, yet keeps near levels
-    in play so neighbouring levels are told apart too; 0 draws the other levels uniformly."""
+    in play so neighbouring levels are told apart too; 0 draws the other levels uniformly (measured on the
+    quickstart: 0 read the line better and made most answers an attribute line, docs/steering.md)."""
     corrupt: str = "one"
     """Which attributes of the label move: 'one' (drawn uniformly: every pair contrasts exactly one attribute) or
     'each' (every attribute independently with probability 1/2, at least one: with several attributes, each is

@@ -70,7 +70,7 @@ def main(argv=None) -> dict:
     a = parse_args(argv)
     gens = {}
     for dtype in a.dtypes.split(","):
-        model, tokenizer = models.load_causal_lm(a.model, dtype=None if dtype == "fp32" else dtype, device="cpu")
+        model, tokenizer = models.load_causal_lm(a.model, dtype=dtype, device="cpu")
         gens[dtype] = Generator(model, tokenizer, template="chat")
     prompts = prompt_ids(next(iter(gens.values())), a.prompts)
     runners = {"steerlm": steerlm_run, "transformers": transformers_run}

@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("--out", default="", help="write the report (JSON) here")
     args = parser.parse_args()
 
-    gen = Generator.load(args.model, dtype=None if args.dtype == "fp32" else args.dtype)
+    gen = Generator.load(args.model, dtype=args.dtype)
     apm = None
     if args.apm:
         from steerlm.apm_model import load_apm

@@ -458,8 +458,12 @@ def readout(model, tokenizer, items: Sequence[ReadoutItem], schema: AttributeSch
     done = 0
     for it in items:
         base = schema.parse(it.record.conversations[it.turn].label, ignore_unknown=True)
-        by_name: dict[str, list[dict]] = {}
-        for name in (n for n in names if n in it.levels):
+        read = [n for n in names if n in it.levels]
+        # the answer under its true line recurs in every attribute's row of levels: each sequence is scored once
+        unique: dict[tuple, int] = {}
+        sequences: list[dict] = []
+        at: dict[str, list[int]] = {}  # attribute -> where its L sequences sit in `sequences`
+        for name in read:
             examples = [templates.encode(_copy(it.record, {it.turn: schema.render({**base, name: level})}), tokenizer,
                                          style, max_length) for level in range(L)]  # fmt: skip
             if any(e is None for e in examples):
@@ -467,20 +471,20 @@ def readout(model, tokenizer, items: Sequence[ReadoutItem], schema: AttributeSch
             shortest = examples[0]["labels"]  # the answer tokens every level's encoding still holds
             for e in examples[1:]:
                 shortest, _ = align_trained(shortest, e["labels"])
-            by_name[name] = [{"input_ids": e["input_ids"], "labels": align_trained(e["labels"], shortest)[0]}
-                             for e in examples]  # fmt: skip
-        # the answer under its true line recurs in every attribute's row of levels: score each sequence once
-        unique: dict[tuple, int] = {}
-        for e in (e for rows in by_name.values() for e in rows):
-            unique.setdefault((tuple(e["input_ids"]), tuple(e["labels"])), len(unique))
-        scored = answer_logps(model, [{"input_ids": list(k[0]), "labels": list(k[1])} for k in unique],
-                              tokenizer.pad_token_id, batch_size, device)  # fmt: skip
-        for name, rows in by_name.items():
-            logps = torch.tensor([scored[unique[(tuple(e["input_ids"]), tuple(e["labels"]))]] for e in rows])
-            post = torch.softmax(logps, dim=0)
+            at[name] = []
+            for e in examples:
+                labels = align_trained(e["labels"], shortest)[0]
+                key = (tuple(e["input_ids"]), tuple(labels))
+                if key not in unique:
+                    unique[key] = len(sequences)
+                    sequences.append({"input_ids": e["input_ids"], "labels": labels})
+                at[name].append(unique[key])
+        scored = answer_logps(model, sequences, tokenizer.pad_token_id, batch_size, device)
+        for name, slots in at.items():
+            post = torch.softmax(torch.tensor([scored[i] for i in slots]), dim=0)
             expected = float((post * torch.arange(L)).sum())
             per.setdefault(name, []).append((it.levels[name], expected, int(post.argmax())))
-        done += sum(n in it.levels for n in names)
+        done += len(read)
         if progress is not None:
             progress(done, total)
     result = {}

@@ -18,7 +18,7 @@ from steerlm import cli, models, sft
 from steerlm.attributes import AttributeSchema
 from steerlm.data import templates
 from steerlm.data.oasst import load_records, split_by_tree
-from steerlm.data.records import ASSISTANT, write_records
+from steerlm.data.records import ASSISTANT, Record, Turn, write_records
 from steerlm.generator import Generator, SamplingArgs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -237,3 +237,26 @@ def test_two_process_data_parallel_run_keeps_ranks_identical(data_dir, tmp_path)
     base = Generator.load("tiny-lm", device="cpu").model
     trained = Generator.load(str(out / "best"), device="cpu").model
     assert not torch.equal(base.model.embed_tokens.weight, trained.model.embed_tokens.weight)
+
+
+def test_early_turns_truncation_keeps_a_conversation_whose_window_the_first_question_fills(records, tmp_path, capsys):
+    label = next(t.label for r in records for t in r.assistant_turns if t.label)
+    long_first = Record([Turn("User", "tell me more " * 200), Turn("Assistant", "Here is more.", label),
+                         Turn("User", "And then?"), Turn("Assistant", "Then it ends.", label)])  # fmt: skip
+    folder = tmp_path / "data"
+    write_records(folder / "train.jsonl", records[:5] + [long_first])
+    write_records(folder / "val.jsonl", records[5:7])
+    counts = {}
+    for mode in ("end", "early_turns"):
+        out = tmp_path / mode
+        args = ["sft", *FAST, f"--data={folder}", f"--out={out}", "--train.max_steps=2", "--train.max_length=128",
+                "--template=chat", "--attributes=quality", f"--truncation={mode}"]  # fmt: skip
+        assert cli.run(args) == 0
+        printed = capsys.readouterr().out
+        counts[mode] = json.loads((out / "summary.json").read_text())["train_examples"]
+        assert ("conversations cut at their earliest turns (truncation)" in printed) == (mode == "early_turns")
+    # cut on the right the long question leaves nothing to learn and the record is dropped; cut at its earliest
+    # turns its last exchange is trained
+    assert counts["early_turns"] == counts["end"] + 1
+    with pytest.raises(ValueError, match="truncation"):
+        sft.Config(data=str(folder), truncation="left")

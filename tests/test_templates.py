@@ -94,3 +94,45 @@ def test_truncation_drops_records_without_trainable_tokens(tok):
     examples, dropped = t.encode_all(records, tok, "nemo", max_length=64)
     assert len(examples) == 1 and dropped == {"no trainable tokens after truncation": 1}
     assert all(len(e["input_ids"]) <= 64 for e in examples)
+
+
+def long_conversation(n_exchanges=4, words=30):
+    turns = []
+    for k in range(n_exchanges):
+        turns += [
+            Turn("User", f"question {k} " + "u " * words),
+            Turn("Assistant", f"answer {k} " + "a " * words, "quality:1"),
+        ]
+    return Record(turns, system="S0", extra={"tree_id": "t1"})
+
+
+@pytest.mark.parametrize("style", ["nemo", "chat"])
+def test_drop_early_turns_keeps_the_last_answer_whole_inside_the_window(tok, style):
+    record = long_conversation()
+    full = len(t.encode(record, tok, style)["input_ids"])
+    last_exchange = Record(record.conversations[-2:], system="S0")
+    window = len(t.encode(last_exchange, tok, style)["input_ids"]) + 5
+    assert full > window  # cut on the right, the last answer would be lost
+    cut = t.drop_early_turns(record, tok, style, window)
+    assert cut.conversations[0].role == "User" and cut.conversations[-1] is record.conversations[-1]
+    assert (cut.system, cut.mask, cut.type, cut.extra) == (record.system, record.mask, record.type, record.extra)
+    ex = t.encode(cut, tok, style, max_length=window)
+    assert len(ex["input_ids"]) <= window
+    assert trained_text(cut, tok, style).rstrip().endswith(trained_text(last_exchange, tok, style).rstrip())
+    # the earliest start that fits wins: with one more exchange it would not fit
+    assert len(t.encode(Record(record.conversations[-4:], system="S0"), tok, style)["input_ids"]) > window
+    assert len(cut.conversations) == 2
+
+
+def test_drop_early_turns_leaves_fitting_and_single_exchange_records_alone(tok):
+    record = long_conversation()
+    assert t.drop_early_turns(record, tok, "chat", 10_000) is record
+    single = Record([Turn("User", "x " * 400), Turn("Assistant", "y", "quality:1")], system="s")
+    assert t.drop_early_turns(single, tok, "chat", 32) is single  # no later User turn: cut on the right as before
+    # nothing fits: the last exchange, cut on the right by `encode`, when its answer starts inside the window ...
+    last = Record(record.conversations[-2:], system="S0")
+    window = len(t.encode(last, tok, "chat")["input_ids"]) - 3
+    cut = t.drop_early_turns(record, tok, "chat", window)
+    assert [x.value for x in cut.conversations] == [x.value for x in last.conversations]
+    # ... and the record as it was when not even that leaves a trained token
+    assert t.drop_early_turns(record, tok, "chat", 8) is record

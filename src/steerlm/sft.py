@@ -53,6 +53,8 @@ from steerlm.io import write_json
 META = models.MODEL_META
 BEST = "best"
 SUMMARY = "summary.json"
+#: How `truncation` cuts a conversation longer than the training window (`Config.truncation`).
+TRUNCATIONS = ("end", "early_turns")
 
 
 @dataclass
@@ -111,6 +113,11 @@ class Config:
     """Held-out answers of the model's own attribute read-out at each validation (`conditioning.readout`: the
     posterior over each attribute's levels from the answer's likelihood under every level; costs examples x
     attributes x L forward passes); 0: off."""
+    truncation: str = "end"
+    """How a training conversation longer than `train.max_length` tokens is cut: 'end' (its tokens past the window,
+    SPEC §4) or 'early_turns' (its earliest exchanges first, so its last answer ends inside the window:
+    `templates.drop_early_turns`; then the end). Validation records are always cut at the end, so validation loss
+    compares across settings."""
     skip_invalid: bool = False
     """Count and skip malformed records instead of stopping at the first."""
     dtype: str = "fp32"
@@ -128,6 +135,8 @@ class Config:
         self.attributes = config_lib.split_names(self.attributes)
         if self.template not in ("auto",) + templates.STYLES:
             raise ValueError(f"template must be 'auto', 'chat' or 'nemo', not {self.template!r}")
+        if self.truncation not in TRUNCATIONS:
+            raise ValueError(f"truncation must be one of {', '.join(TRUNCATIONS)}, not {self.truncation!r}")
         if self.conditioning not in ("attributes", "none"):
             raise ValueError(f"conditioning must be 'attributes' or 'none', not {self.conditioning!r}")
         if not 0.0 <= self.val_fraction < 1.0:
@@ -396,6 +405,12 @@ def run(cfg: Config) -> tuple[dict, torch.nn.Module]:
     style = cfg.template if cfg.template != "auto" else (meta or {}).get("template", "chat")
 
     # 3. encode (SPEC §4 masks); records with nothing trainable left are dropped and counted
+    if cfg.truncation == "early_turns":
+        cut = [templates.drop_early_turns(r, tokenizer, style, cfg.train.max_length) for r in plan_records]
+        levers["conversations cut at their earliest turns (truncation)"] = sum(
+            c is not r for c, r in zip(cut, plan_records, strict=True)
+        )
+        plan_records = cut
     train_examples, kept, dropped = encode_records(plan_records, tokenizer, style, cfg.train.max_length, first_copy)
     groups = [plan_keys[i] for i in kept] if cfg.group_siblings else None
     if groups is not None:

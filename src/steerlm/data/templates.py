@@ -237,6 +237,34 @@ def encode(record: Record, tokenizer, style: str = "nemo", max_length: int | Non
     return {"input_ids": input_ids, "labels": labels}
 
 
+def drop_early_turns(record: Record, tokenizer, style: str, max_length: int) -> Record:
+    """`record` without its earliest exchanges, so that its last answer ends inside `max_length` tokens.
+
+    Cutting on the right (`encode`) keeps a long conversation's beginning and loses its last answers' ends; an
+    answer whose end is cut never shows where an answer of its length stops, and verbosity's top levels are mostly
+    such answers (docs/steering.md: at 256 tokens 3 % of the quickstart's level-4 answers and 55 % of its level-3
+    answers ended inside the window). This drops whole leading turns instead, up to the earliest User turn from which
+    the rest fits (the system prompt is kept); when nothing fits, up to the last User turn if its exchange keeps a
+    trained token inside the window (`encode` then cuts it on the right). Returns `record` itself when it fits, has
+    no later User turn to start from, or would keep nothing to learn; a cut copy otherwise (same system prompt, mask,
+    type and extra keys). Trained turns stay trained: the kept conversation starts with a User turn."""
+
+    def length(r: Record) -> int:
+        return len(encode_text_segments([s.text for s in segments(r, style, tokenizer)], tokenizer))
+
+    if length(record) <= max_length:
+        return record
+    turns = record.conversations
+    starts = [k for k in range(1, len(turns)) if turns[k].role == USER
+              and any(t.role == ASSISTANT and not t.extra.get(NO_LOSS) for t in turns[k + 1:])]  # fmt: skip
+    cut = record
+    for k in starts:
+        cut = Record(turns[k:], record.system, record.mask, record.type, dict(record.extra))
+        if length(cut) <= max_length:
+            return cut
+    return cut if cut is not record and encode(cut, tokenizer, style, max_length) is not None else record
+
+
 def encode_all(records, tokenizer, style: str = "nemo", max_length: int | None = None, add_bos: bool = False):
     """Encode many records; returns (examples, Counter of dropped records by reason)."""
     out, dropped = [], Counter()

@@ -35,6 +35,13 @@ class Segment:
     trainable: bool
 
 
+def is_trained(record: Record, i: int) -> bool:
+    """Whether turn `i` of `record` carries loss (SPEC §4): not the first turn, not a masked role or a user turn,
+    not a `no_loss` answer (context only)."""
+    turn = record.conversations[i]
+    return not (i == 0 or turn.role == record.mask or turn.role == USER or turn.extra.get(NO_LOSS))
+
+
 # ---------------------------------------------------------------- NeMo style (SPEC §3, masks §4)
 
 
@@ -43,7 +50,7 @@ def _nemo_segments(record: Record) -> list[Segment]:
     prev_trained = False  # the T that opens a turn is trained when it closes a trained turn (SPEC §4)
     for i, turn in enumerate(record.conversations):
         segs.append(Segment(T, prev_trained))
-        masked = i == 0 or turn.role == record.mask or turn.role == USER or bool(turn.extra.get(NO_LOSS))
+        masked = not is_trained(record, i)
         head = turn.role + "\n"
         label_line = (L + turn.label + "\n") if turn.label is not None else ""
         if masked:
@@ -103,7 +110,7 @@ def _chat_segments(record: Record, tokenizer) -> list[Segment]:
     for i, (turn, hole) in enumerate(zip(record.conversations, holes, strict=True)):
         at = text.index(hole, cursor)
         segs.append(Segment(text[cursor:at], False))
-        trained = not (i == 0 or turn.role == record.mask or turn.role == USER or turn.extra.get(NO_LOSS))
+        trained = is_trained(record, i)
         if turn.role == ASSISTANT:
             prefix, middle, suffix = _assistant_content(turn, record.type)
         else:
@@ -255,8 +262,8 @@ def drop_early_turns(record: Record, tokenizer, style: str, max_length: int) -> 
     if length(record) <= max_length:
         return record
     turns = record.conversations
-    starts = [k for k in range(1, len(turns)) if turns[k].role == USER
-              and any(t.role == ASSISTANT and not t.extra.get(NO_LOSS) for t in turns[k + 1:])]  # fmt: skip
+    starts = [k for k in range(1, len(turns))
+              if turns[k].role == USER and any(is_trained(record, j) for j in range(k + 1, len(turns)))]  # fmt: skip
     cut = record
     for k in starts:
         cut = Record(turns[k:], record.system, record.mask, record.type, dict(record.extra))

@@ -10,6 +10,8 @@ import sys
 
 from conftest import ROOT
 
+from steerlm import config
+
 
 def run_benchmark(name: str, *args: str, timeout: float = 300) -> str:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -47,6 +49,33 @@ def test_serve_throughput_runs_both_phases(tmp_path):
     out = run_benchmark("serve_throughput", "--requests=2", "--max_tokens=2", "--concurrency=2",
                         f"--json={tmp_path / 's.json'}")  # fmt: skip
     assert "concurrent/sequential throughput" in out and (tmp_path / "s.json").exists()
+
+
+def test_sft_seeds_trains_and_checks_each_seed_and_reuses_finished_ones(tmp_path):
+    from steerlm.data.records import Record, Turn, write_records
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for name, n in (("train.jsonl", 12), ("val.jsonl", 4)):
+        write_records(data / name, [Record([Turn("User", f"Question {i}?"),
+                                            Turn("Assistant", "word " * (1 + 7 * (i % 4)), f"humor:{i % 4}")])
+                                    for i in range(n)])  # fmt: skip
+    cfg = tmp_path / "sft.yaml"
+    cfg.write_text(f"model: tiny-lm\ndata: {data}\ntemplate: chat\nlevels: 4\ncomputed: [verbosity]\n"
+                   "flip_gap_examples: 2\nreadout_examples: 2\n"
+                   "train: {max_steps: 2, batch_size: 2, max_length: 256, log_every: 1}\n")  # fmt: skip
+    args = [f"--config={cfg}", "--name=quick", "--seeds=1,2", f"--out={tmp_path / 'seeds'}", "--prompts=2",
+            "--max_new_tokens=3", "--batch_size=4"]  # fmt: skip
+    out = run_benchmark("sft_seeds", *args)
+    summary = json.loads((tmp_path / "seeds" / "quick" / "summary.json").read_text())
+    assert set(summary["runs"]) == {"1", "2"} and "over seeds" in out
+    for run in summary["runs"].values():
+        assert len(run["words"]) == 4 and run["prompts"] == 2 and run["sft_seconds"] > 0
+    assert summary["over_seeds"]["spearman"] is None or summary["over_seeds"]["spearman"]["n"] >= 1
+    assert config.read_yaml(tmp_path / "seeds" / "quick" / "seed2" / "config.yaml")["train"]["seed"] == 2
+    stamp = (tmp_path / "seeds" / "quick" / "seed1" / "summary.json").stat().st_mtime
+    run_benchmark("sft_seeds", *args)  # a finished seed is checked again, not retrained
+    assert (tmp_path / "seeds" / "quick" / "seed1" / "summary.json").stat().st_mtime == stamp
 
 
 def _floats(value) -> list[float]:

@@ -68,6 +68,17 @@ def test_corrupt_records_only_touches_trained_labelled_turns():
     assert r.conversations[1].label == "humor:1"  # the input is not modified
 
 
+def test_trained_turns_follow_the_masks_one_rule():
+    """The conditioning works on exactly the turns the loss falls on (SPEC §4 via templates.is_trained)."""
+    convo = [Turn("User", "q"), Turn("Assistant", "a1", "humor:1"), Turn("User", "q2"),
+             Turn("Assistant", "a2", "humor:2", {templates.NO_LOSS: True}), Turn("User", "q3"),
+             Turn("Assistant", "a3", "humor:3")]  # fmt: skip
+    assert conditioning.trained_turns(Record(convo)) == [1, 5]
+    assert conditioning.trained_turns(Record(convo, mask="Assistant")) == []  # the masked role carries no loss
+    twin = conditioning.corrupt_records([Record(convo, mask="Assistant")], SCHEMA, seed=1)
+    assert twin == [None]  # so it gets no corrupted twin either
+
+
 def test_movable_attributes_alone_move():
     rng = random.Random(3)
     for mode in ("one", "each"):

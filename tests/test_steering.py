@@ -15,7 +15,14 @@ from steerlm.batching import guide
 from steerlm.data import templates
 from steerlm.data.records import Record, Turn, read_records, write_records
 from steerlm.generator import Generator, SamplingArgs
-from steerlm.steerability import ComputedScorer, measure_attribute, measure_verbosity
+from steerlm.steerability import (
+    AttributeResult,
+    ComputedScorer,
+    attribute_line_answers,
+    measure_attribute,
+    measure_verbosity,
+    writes_attribute_line,
+)
 
 SCHEMA = AttributeSchema(("quality", "humor"))
 GREEDY = SamplingArgs(greedy=True, max_new_tokens=12)
@@ -316,3 +323,13 @@ def test_steerability_measures_verbosity_without_an_apm(lm):
     assert result.attribute == "verbosity" and len(result.measured_mean) == 2
     for level, answers in result.answers.items():
         assert all(0 <= gen.computed["verbosity"].level(a) <= 9 for a in answers), level
+
+
+def test_answers_that_write_an_attribute_line_are_counted_per_level():
+    lines = ["quality:4,humor:0,verbosity:0\nquality:4,humor:0", "<attributes>quality:4,humor:1", "category:1,quantity:2",
+             "  layout: 2\nwidth:800"]  # fmt: skip
+    answers = ["No.", "Step 1: open the file.", "12:30 is when it starts.", "Here is the code: 5 lines.", ""]
+    assert all(writes_attribute_line(t) for t in lines)
+    assert not any(writes_attribute_line(t) for t in answers)
+    result = AttributeResult("verbosity", [0, 4], [0.0, 4.0], 1.0, 1.0, 1, {0: lines[:3] + answers[:1], 4: answers})
+    assert attribute_line_answers(result) == [3, 0]

@@ -85,9 +85,9 @@ class ConditioningLossArgs:
 
 
 def trained_turns(record: Record) -> list[int]:
-    """Indices of the assistant turns the loss falls on (SPEC §4: never the first turn; not `no_loss` turns)."""
-    return [j for j, t in enumerate(record.conversations)
-            if j > 0 and t.role == ASSISTANT and not t.extra.get(templates.NO_LOSS)]  # fmt: skip
+    """Indices of the assistant turns the loss falls on, by the one SPEC §4 rule (`templates.is_trained`): never the
+    first turn, never a user turn or a turn of the record's masked role, never a `no_loss` answer."""
+    return [j for j in range(len(record.conversations)) if templates.is_trained(record, j)]
 
 
 def computed_buckets(names: list[str], *, meta: dict | None, data_folder: Path, train_records: list[Record],

@@ -271,7 +271,14 @@ def run_check(model: str, apm_model: str, data_dir: Path, check: CheckArgs, out:
     from steerlm.conditioning import format_readout
     from steerlm.data.records import read_records
     from steerlm.generator import Generator, SamplingArgs
-    from steerlm.steerability import format_table, mean_words, measure_attribute, plot_results, scorer_for
+    from steerlm.steerability import (
+        attribute_line_answers,
+        format_table,
+        mean_words,
+        measure_attribute,
+        plot_results,
+        scorer_for,
+    )
 
     generator = Generator.load(model)
     if generator.schema is None:
@@ -305,6 +312,10 @@ def run_check(model: str, apm_model: str, data_dir: Path, check: CheckArgs, out:
         r = next(r for r in results if r.attribute == "verbosity")
         table += "\n  mean words   " + "  ".join(f"{lv}->{w:g}" for lv, w in zip(r.requested, words["verbosity"],
                                                                                    strict=True))  # fmt: skip
+        lines = attribute_line_answers(r)
+        if any(lines):  # the failure to look for first when the slider is flat (docs/steering.md)
+            table += (f"\n  answers that write an attribute line instead of answering (of {len(prompts)}): "
+                      + "  ".join(f"{lv}->{n}" for lv, n in zip(r.requested, lines, strict=True)))  # fmt: skip
     report = {"table": table, "guidance_scale": check.guidance_scale, "prompts": len(prompts), "words": words,
               "attributes": {r.attribute: r.to_json() for r in results}}  # fmt: skip
     verb = next((r for r in results if r.attribute == "verbosity"), None)

@@ -6,6 +6,7 @@ Used by `steerlm pipeline` (the short check at the end) and by the evaluation su
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -141,6 +142,23 @@ def mean_words(result: AttributeResult) -> list[float]:
 
     return [round(float(np.mean([word_count(a) for a in result.answers.get(lv, [])] or [0.0])), 1)
             for lv in result.requested]  # fmt: skip
+
+
+#: An answer that opens with a `name:level` pair (or the attribute marker) writes an attribute line instead of
+#: answering: the failure of a model pushed to read its line harder than it learned to answer under it
+#: (docs/steering.md: `category:1,quality:2,...` or its own line repeated, at the low verbosity levels).
+_LINE_START = re.compile(r"^\W*(?:<attributes>)?\s*[A-Za-z_][\w-]{0,23}\s?:\s?\d")
+
+
+def writes_attribute_line(text: str) -> bool:
+    """True when `text` starts like an attribute line (`quality:4,...`, `category:1`, `<attributes>...`)."""
+    return bool(_LINE_START.match(text))
+
+
+def attribute_line_answers(result: AttributeResult) -> list[int]:
+    """How many answers at each requested level write an attribute line instead of answering
+    (`writes_attribute_line`)."""
+    return [sum(writes_attribute_line(a) for a in result.answers.get(lv, [])) for lv in result.requested]
 
 
 def plot_results(results: Sequence[AttributeResult], path, title: str = "") -> None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import statistics
 from pathlib import Path
 
@@ -29,7 +28,13 @@ from steerlm.data.preferences import read_prompts
 from steerlm.data.records import read_records
 from steerlm.generator import Generator, SamplingArgs
 from steerlm.io import write_json
-from steerlm.steerability import attribute_line_answers, mean_words, measure_attribute, scorer_for
+from steerlm.steerability import (
+    attribute_line_answers,
+    draw_prompts,
+    mean_words,
+    measure_attribute,
+    scorer_for,
+)
 
 
 def train_seed(args, seed: int, out: Path) -> dict:
@@ -46,11 +51,12 @@ def check(args, model: Path) -> dict:
     """Requested vs measured verbosity level on the held-out prompts (the pipeline's check at guidance scale 1)."""
     gen = Generator.load(str(model), dtype="fp32")  # as the pipeline check generates
     if args.prompts_file:
-        prompts = [gen.as_record(conv) for conv, _, _ in read_prompts(args.prompts_file)]
+        asked = [gen.as_record(conv) for conv, _, _ in read_prompts(args.prompts_file)]
+        prompts = draw_prompts(asked, args.prompts, args.check_seed)
     else:
         data = Path(args.data or config.load(sft.Config, config=args.config).data)
-        prompts = training_prompts(read_records(data / "val.jsonl" if data.is_dir() else data))
-    prompts = random.Random(args.check_seed).sample(prompts, min(args.prompts, len(prompts)))
+        prompts = draw_prompts(training_prompts(read_records(data / "val.jsonl" if data.is_dir() else data)),
+                               args.prompts, args.check_seed)  # fmt: skip
     levels = list(range(gen.schema.levels))
     sampling = SamplingArgs(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.check_seed)
     result = measure_attribute(gen, scorer_for(args.attribute, None, gen.computed), prompts, args.attribute, levels,
@@ -97,7 +103,7 @@ def main() -> None:
                            "val_loss": summary.get("best"), "flip_gap": summary.get("last_flip_gap"),
                            "readout_spearman": {k: v["spearman"] for k, v in readout.items()}, **result}  # fmt: skip
         words = " / ".join(f"{w:.0f}" for w in result["words"])
-        rho = "n/a" if result["spearman"] is None else f"{result['spearman']:+.3f}"
+        rho = _num(result["spearman"], "+.3f")
         print(f"seed {seed}: sft {summary.get('seconds')} s, val loss {_num(summary.get('best'), '.4f')}, flip gap "
               f"{_num(summary.get('last_flip_gap'), '+.4f')}, words at {args.attribute} 0..{len(result['words']) - 1}: "
               f"{words}, Spearman {rho}, answers that write an attribute line "

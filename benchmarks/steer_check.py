@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import time
 from pathlib import Path
 
@@ -22,7 +21,14 @@ from steerlm.bootstrap import training_prompts
 from steerlm.data.preferences import read_prompts
 from steerlm.data.records import read_records
 from steerlm.generator import Generator, SamplingArgs
-from steerlm.steerability import format_table, mean_words, measure_attribute, plot_results, scorer_for
+from steerlm.steerability import (
+    draw_prompts,
+    format_table,
+    mean_words,
+    measure_attribute,
+    plot_results,
+    scorer_for,
+)
 
 
 def main() -> None:
@@ -53,11 +59,12 @@ def main() -> None:
 
         apm = load_apm(args.apm)
     if args.prompts_file:
-        prompts = [gen.as_record(conv) for conv, _, _ in read_prompts(args.prompts_file)]
+        asked = [gen.as_record(conv) for conv, _, _ in read_prompts(args.prompts_file)]
+        prompts = draw_prompts(asked, args.prompts, args.seed)
     else:
         data = Path(args.data)
-        prompts = training_prompts(read_records(data / "val.jsonl" if data.is_dir() else data))
-    prompts = random.Random(args.seed).sample(prompts, min(args.prompts, len(prompts)))
+        prompts = draw_prompts(training_prompts(read_records(data / "val.jsonl" if data.is_dir() else data)),
+                               args.prompts, args.seed)  # fmt: skip
     levels = [int(x) for x in args.levels.split(",")]
     report: dict = {"model": args.model, "apm": args.apm, "levels": levels, "prompts": len(prompts),
                     "reference": args.reference, "dtype": args.dtype, "batch_size": args.batch_size,

@@ -11,7 +11,6 @@ the pipeline fills in the paths that connect the stages. It ends with a summary 
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -273,6 +272,7 @@ def run_check(model: str, apm_model: str, data_dir: Path, check: CheckArgs, out:
     from steerlm.generator import Generator, SamplingArgs
     from steerlm.steerability import (
         attribute_line_answers,
+        draw_prompts,
         format_table,
         mean_words,
         measure_attribute,
@@ -284,8 +284,7 @@ def run_check(model: str, apm_model: str, data_dir: Path, check: CheckArgs, out:
     if generator.schema is None:
         raise UserError(f"{model} has no attribute schema to steer", field="model")
     scorer = load_apm(apm_model)
-    prompts = training_prompts(read_records(data_dir / "val.jsonl"))
-    prompts = random.Random(check.seed).sample(prompts, min(check.num_prompts, len(prompts)))
+    prompts = draw_prompts(training_prompts(read_records(data_dir / "val.jsonl")), check.num_prompts, check.seed)
     top = generator.schema.max_level
     measurable = [(a, scorer_for(a, scorer, generator.computed)) for a in check.attributes
                   if a in generator.schema.names]  # fmt: skip

@@ -6,6 +6,7 @@ Used by `steerlm pipeline` (the short check at the end) and by the evaluation su
 
 from __future__ import annotations
 
+import random
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,6 +34,12 @@ class AttributeResult:
 
     def to_json(self) -> dict:
         return {k: v for k, v in self.__dict__.items()}
+
+
+def draw_prompts(prompts: Sequence[Record], n: int, seed: int) -> list[Record]:
+    """The check's prompts: `n` of `prompts` (all when fewer) drawn with `seed`. `steerlm pipeline`'s check and the
+    benchmarks draw alike, so a benchmark on the same data and seed answers the same prompts."""
+    return random.Random(seed).sample(list(prompts), min(n, len(prompts)))
 
 
 def measure_attribute(generator, apm, prompts: Sequence[Record], attribute: str, levels: Sequence[int], sampling,

@@ -23,14 +23,13 @@ import statistics
 from pathlib import Path
 
 from steerlm import config, sft
-from steerlm.bootstrap import training_prompts
 from steerlm.data.preferences import read_prompts
-from steerlm.data.records import read_records
 from steerlm.generator import Generator, SamplingArgs
 from steerlm.io import write_json
 from steerlm.steerability import (
     attribute_line_answers,
     draw_prompts,
+    held_out_prompts,
     mean_words,
     measure_attribute,
     scorer_for,
@@ -55,8 +54,7 @@ def check(args, model: Path) -> dict:
         prompts = draw_prompts(asked, args.prompts, args.check_seed)
     else:
         data = Path(args.data or config.load(sft.Config, config=args.config).data)
-        prompts = draw_prompts(training_prompts(read_records(data / "val.jsonl" if data.is_dir() else data)),
-                               args.prompts, args.check_seed)  # fmt: skip
+        prompts = held_out_prompts(data, args.prompts, args.check_seed)
     levels = list(range(gen.schema.levels))
     sampling = SamplingArgs(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.check_seed)
     result = measure_attribute(gen, scorer_for(args.attribute, None, gen.computed), prompts, args.attribute, levels,

@@ -17,13 +17,12 @@ import time
 from pathlib import Path
 
 from steerlm.attributes import parse_assignment
-from steerlm.bootstrap import training_prompts
 from steerlm.data.preferences import read_prompts
-from steerlm.data.records import read_records
 from steerlm.generator import Generator, SamplingArgs
 from steerlm.steerability import (
     draw_prompts,
     format_table,
+    held_out_prompts,
     mean_words,
     measure_attribute,
     plot_results,
@@ -63,8 +62,7 @@ def main() -> None:
         prompts = draw_prompts(asked, args.prompts, args.seed)
     else:
         data = Path(args.data)
-        prompts = draw_prompts(training_prompts(read_records(data / "val.jsonl" if data.is_dir() else data)),
-                               args.prompts, args.seed)  # fmt: skip
+        prompts = held_out_prompts(data, args.prompts, args.seed)
     levels = [int(x) for x in args.levels.split(",")]
     report: dict = {"model": args.model, "apm": args.apm, "levels": levels, "prompts": len(prompts),
                     "reference": args.reference, "dtype": args.dtype, "batch_size": args.batch_size,

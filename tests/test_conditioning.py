@@ -94,6 +94,10 @@ def test_movable_attributes_alone_move():
     assert none is None and SCHEMA.parse(twin.conversations[1].label)["humor"] == 1
     assert SCHEMA.parse(twin.conversations[1].label)["verbosity"] != 3
     assert conditioning.ConditioningLossArgs(attributes=["verbosity,humor"]).attributes == ["verbosity", "humor"]
+    with pytest.raises(ValueError, match="reduce must be one of sum, mean"):
+        conditioning.ConditioningLossArgs(reduce="max")
+    with pytest.raises(ValueError, match="scale must be in"):
+        conditioning.ConditioningLossArgs(scale=0)
 
 
 def test_twin_rows_never_enter_the_nll_and_the_term_is_the_softplus_of_the_gap():
@@ -120,6 +124,13 @@ def test_twin_rows_never_enter_the_nll_and_the_term_is_the_softplus_of_the_gap()
     assert torch.allclose(both, reference + 2.0 * expected, atol=1e-5)
     # the twins score the same answer tokens as their true rows
     assert mask[:3].sum(1).tolist() == mask[3:].sum(1).tolist()
+    # GeDi's length-normalised form: the gap of per-token means, sharpened by scale
+    with torch.no_grad():
+        normalised, m2 = conditioning.conditioned_lm_loss(model, batch, weight=2.0, reduce="mean", scale=30.0)
+    per_token = logp / mask.sum(1)
+    expected = torch.nn.functional.softplus(30.0 * (per_token[3:] - per_token[:3])).mean()
+    assert torch.allclose(normalised, reference + 2.0 * expected, atol=1e-5)
+    assert m2["disc_acc"] == m1["disc_acc"]  # the same pairs are right: normalising by equal lengths keeps the sign
 
 
 def test_align_trained_cuts_both_to_the_same_answer_tokens():
@@ -203,7 +214,14 @@ def test_sft_logs_the_readout_and_the_discriminative_term(tmp_path):
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("disc_loss" in r for r in rows) and any("readout_humor_accuracy" in r for r in rows)
     meta = json.loads((out / "best" / "steerlm_model.json").read_text())
-    assert meta["conditioning_loss"] == {"weight": 1.0, "distance_power": 1.0, "corrupt": "one", "attributes": []}
+    assert meta["conditioning_loss"] == {
+        "weight": 1.0,
+        "distance_power": 1.0,
+        "corrupt": "one",
+        "attributes": [],
+        "reduce": "sum",
+        "scale": 1.0,
+    }
     # the command: any SteerLM model and a records file
     report = tmp_path / "readout.json"
     assert cli.run(["readout", f"--model={out / 'best'}", f"--data={data}", f"--out={report}", "--examples=3"]) == 0

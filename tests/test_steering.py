@@ -14,11 +14,13 @@ from steerlm.attributes import AttributeSchema, LengthBuckets, word_count
 from steerlm.batching import guide
 from steerlm.data import templates
 from steerlm.data.records import Record, Turn, read_records, write_records
+from steerlm.errors import UserError
 from steerlm.generator import Generator, SamplingArgs
 from steerlm.steerability import (
     AttributeResult,
     ComputedScorer,
     attribute_line_answers,
+    held_out_prompts,
     measure_attribute,
     measure_verbosity,
     writes_attribute_line,
@@ -333,3 +335,17 @@ def test_answers_that_write_an_attribute_line_are_counted_per_level():
     assert not any(writes_attribute_line(t) for t in answers)
     result = AttributeResult("verbosity", [0, 4], [0.0, 4.0], 1.0, 1.0, 1, {0: lines[:3] + answers[:1], 4: answers})
     assert attribute_line_answers(result) == [3, 0]
+
+
+def test_held_out_prompts_are_the_val_prompts_drawn_alike_from_a_folder_or_a_file(tmp_path):
+    records = [Record([Turn("User", f"q{i}"), Turn("Assistant", "a"), Turn("User", f"r{i}"), Turn("Assistant", "b")])
+               for i in range(5)] + [Record([Turn("User", "q0"), Turn("Assistant", "another answer")])]  # fmt: skip
+    write_records(tmp_path / "val.jsonl", records)
+    from_folder = held_out_prompts(tmp_path, 4, seed=7)
+    assert from_folder == held_out_prompts(tmp_path / "val.jsonl", 4, seed=7)
+    assert len(from_folder) == 4 and all(p.conversations[-1].role == "User" for p in from_folder)
+    # each distinct prefix once (q0 is asked twice), both turns of a two-turn record: 10 prompts, all when n is larger
+    assert len(held_out_prompts(tmp_path, 100, seed=7)) == 10
+    (tmp_path / "bad.jsonl").write_text('{"conversations": [{"from": "User"}]}\n')
+    with pytest.raises(UserError, match=r"bad.jsonl:1: conversations\[0\].value"):
+        held_out_prompts(tmp_path / "bad.jsonl", 4, seed=7)

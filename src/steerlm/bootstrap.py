@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from steerlm import config as config_lib
 from steerlm import model_card
 from steerlm.attributes import AttributeSchema
-from steerlm.data.records import ASSISTANT, USER, Record, Turn, read_records, write_records
+from steerlm.data.records import ASSISTANT, Record, Turn, read_records, training_prompts, write_records
 from steerlm.errors import UserError
 from steerlm.io import read_jsonl, write_json, write_jsonl
 
@@ -93,20 +93,6 @@ def max_quality_combinations(records: list[Record], schema: AttributeSchema) -> 
     if top < schema.max_level:
         print(f"note: no response has quality {schema.max_level}; using the highest present, {top}")
     return [dict(c) for c in sorted(combos) if dict(c)["quality"] == top], top
-
-
-def training_prompts(records: list[Record]) -> list[Record]:
-    """Every distinct conversation prefix that ends in a user turn followed by an assistant answer."""
-    seen, prompts = set(), []
-    for r in records:
-        for i in range(1, len(r.conversations)):
-            if r.conversations[i].role == ASSISTANT and r.conversations[i - 1].role == USER:
-                prefix = [Turn(t.role, t.value) for t in r.conversations[:i]]
-                key = (r.system, tuple((t.role, t.value) for t in prefix))
-                if key not in seen:
-                    seen.add(key)
-                    prompts.append(Record(prefix, r.system))
-    return prompts
 
 
 def plan(prompts: list[Record], combos: list[dict], cfg: Config) -> list[tuple[int, dict]]:

@@ -45,6 +45,8 @@ from steerlm.errors import UserError
 
 #: How many attributes of a label a corruption moves (`ConditioningLossArgs.corrupt`).
 CORRUPT_MODES = ("one", "each")
+#: How the answer's token log-probabilities enter the gap (`ConditioningLossArgs.reduce`).
+REDUCE_MODES = ("sum", "mean")
 #: Length-bucket edges written by `steerlm prepare --computed=verbosity` beside train.jsonl.
 COMPUTED_FILE = "computed.json"
 
@@ -70,11 +72,23 @@ class ConditioningLossArgs:
     """The attributes the corrupted lines move (the others keep their true levels); default: every attribute of the
     label. Narrowing it puts every pair on the attributes that must steer generation: measured, verbosity steered
     the answers' length only when every pair contrasted it (docs/steering.md)."""
+    reduce: str = "sum"
+    """How log p(answer | line) is taken over the answer's tokens: 'sum' (the log-likelihood of the whole answer:
+    a long answer's gap is large, so it saturates the softplus early, and every token of an unsaturated pair gets up
+    to weight/2 of gradient) or 'mean' (GeDi §3.1's length-normalised form, log p / T: every answer saturates at the
+    same per-token gap, whatever its length; pair it with `scale`)."""
+    scale: float = 1.0
+    """The gap is multiplied by this before the softplus: GeDi's alpha, the sharpness of the class posterior. With
+    reduce='mean' the term saturates once the per-token gap reaches a few / scale nats (the flip gap)."""
 
     def __post_init__(self):
         self.attributes = config_lib.split_names(self.attributes)
         if self.corrupt not in CORRUPT_MODES:
             raise ValueError(f"corrupt must be one of {', '.join(CORRUPT_MODES)}, not {self.corrupt!r}")
+        if self.reduce not in REDUCE_MODES:
+            raise ValueError(f"reduce must be one of {', '.join(REDUCE_MODES)}, not {self.reduce!r}")
+        if not (0 < self.scale <= 1000):
+            raise ValueError(f"scale must be in (0, 1000], not {self.scale}")
         if not (self.weight >= 0 and math.isfinite(self.weight)):
             raise ValueError(f"weight must be a finite number >= 0, not {self.weight}")
         if not (0 <= self.distance_power <= 8):
@@ -300,11 +314,13 @@ def token_nll(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return nll, labels != templates.IGNORE_INDEX
 
 
-def conditioned_lm_loss(model, batch: dict, weight: float = 0.0) -> tuple[torch.Tensor, dict]:
+def conditioned_lm_loss(model, batch: dict, weight: float = 0.0, reduce: str = "sum",
+                        scale: float = 1.0) -> tuple[torch.Tensor, dict]:  # fmt: skip
     """SFT loss: mean per-token NLL over the true rows' answer tokens, plus `weight` times the discriminative term
-    mean over pairs of softplus(log p(answer | corrupted) - log p(answer | true)) (GeDi §3.1), log p summed over the
-    answer tokens. Twin rows (`pair_of >= 0`) never enter the NLL. Returns (loss, metrics): `nll`, and with twins
-    `disc_loss` and `disc_acc` (share of pairs whose true line is the likelier)."""
+    mean over pairs of softplus(scale * (log p(answer | corrupted) - log p(answer | true))) (GeDi §3.1), log p summed
+    over the answer tokens (`reduce='sum'`) or averaged over them (`'mean'`, GeDi's length normalisation). Twin rows
+    (`pair_of >= 0`) never enter the NLL. Returns (loss, metrics): `nll`, and with twins `disc_loss` and `disc_acc`
+    (share of pairs whose true line is the likelier)."""
     nll, mask = token_nll(model, batch)
     pair_of = batch.get("pair_of")
     seq_nll = example_sums(nll * mask, batch)  # (R,) summed NLL of each row's (packed: sequence's) answer tokens
@@ -315,9 +331,9 @@ def conditioned_lm_loss(model, batch: dict, weight: float = 0.0) -> tuple[torch.
     twins = ~true_rows
     if weight <= 0 or not bool(twins.any()):
         return lm, metrics
-    seq_logp = -seq_nll
+    seq_logp = -seq_nll if reduce == "sum" else -seq_nll / tokens.clamp(min=1)
     gap = seq_logp[twins] - seq_logp[pair_of[twins]]
-    disc = F.softplus(gap).mean()
+    disc = F.softplus(scale * gap).mean()
     metrics.update(disc_loss=disc.detach(), disc_acc=(gap < 0).float().mean().detach())
     return lm + weight * disc, metrics
 

@@ -266,14 +266,12 @@ def run_check(model: str, apm_model: str, data_dir: Path, check: CheckArgs, out:
     import json
 
     from steerlm.apm_model import load_apm
-    from steerlm.bootstrap import training_prompts  # orchestrator: the prompts bootstrap samples
     from steerlm.conditioning import format_readout
-    from steerlm.data.records import read_records
     from steerlm.generator import Generator, SamplingArgs
     from steerlm.steerability import (
         attribute_line_answers,
-        draw_prompts,
         format_table,
+        held_out_prompts,
         mean_words,
         measure_attribute,
         plot_results,
@@ -284,7 +282,7 @@ def run_check(model: str, apm_model: str, data_dir: Path, check: CheckArgs, out:
     if generator.schema is None:
         raise UserError(f"{model} has no attribute schema to steer", field="model")
     scorer = load_apm(apm_model)
-    prompts = draw_prompts(training_prompts(read_records(data_dir / "val.jsonl")), check.num_prompts, check.seed)
+    prompts = held_out_prompts(data_dir, check.num_prompts, check.seed)
     top = generator.schema.max_level
     measurable = [(a, scorer_for(a, scorer, generator.computed)) for a in check.attributes
                   if a in generator.schema.names]  # fmt: skip

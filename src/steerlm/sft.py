@@ -460,7 +460,9 @@ def run(cfg: Config) -> tuple[dict, torch.nn.Module]:
     if weight > 0:
         out_meta["conditioning_loss"] = {"weight": weight, "distance_power": cfg.conditioning_loss.distance_power,
                                          "corrupt": cfg.conditioning_loss.corrupt,
-                                         "attributes": list(cfg.conditioning_loss.attributes)}  # fmt: skip
+                                         "attributes": list(cfg.conditioning_loss.attributes),
+                                         "reduce": cfg.conditioning_loss.reduce,
+                                         "scale": cfg.conditioning_loss.scale}  # fmt: skip
 
     def save_best(m, metrics: dict) -> None:
         models.save_model(m, tokenizer, out / BEST, META, out_meta)
@@ -484,7 +486,8 @@ def run(cfg: Config) -> tuple[dict, torch.nn.Module]:
 
     evaluate = (make_evaluate(val_examples, collate, cfg.train.batch_size, accelerator, flips, readout_fn)
                 if val_examples else None)  # fmt: skip
-    loss_fn = partial(conditioning.conditioned_lm_loss, weight=weight)
+    loss_fn = partial(conditioning.conditioned_lm_loss, weight=weight, reduce=cfg.conditioning_loss.reduce,
+                      scale=cfg.conditioning_loss.scale)  # fmt: skip
     summary = train.fit(model, train_examples, collate, loss_fn, cfg.train, out, evaluate=evaluate,
                         save_best=save_best, resume=cfg.resume, groups=groups, desc="sft",
                         accelerator=accelerator)  # fmt: skip

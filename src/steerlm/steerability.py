@@ -10,10 +10,11 @@ import random
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
-from steerlm.data.records import ASSISTANT, Record, Turn
+from steerlm.data.records import ASSISTANT, Record, Turn, read_records, training_prompts
 from steerlm.metrics import spearman
 
 
@@ -40,6 +41,13 @@ def draw_prompts(prompts: Sequence[Record], n: int, seed: int) -> list[Record]:
     """The check's prompts: `n` of `prompts` (all when fewer) drawn with `seed`. `steerlm pipeline`'s check and the
     benchmarks draw alike, so a benchmark on the same data and seed answers the same prompts."""
     return random.Random(seed).sample(list(prompts), min(n, len(prompts)))
+
+
+def held_out_prompts(source: str | Path, n: int, seed: int) -> list[Record]:
+    """The check's held-out prompts: every prompt (`training_prompts`) of a data folder's val.jsonl, or of a records
+    file, then `n` of them drawn with `seed` (`draw_prompts`). Raises UserError, located, on a bad records line."""
+    source = Path(source)
+    return draw_prompts(training_prompts(read_records(source / "val.jsonl" if source.is_dir() else source)), n, seed)
 
 
 def measure_attribute(generator, apm, prompts: Sequence[Record], attribute: str, levels: Sequence[int], sampling,

@@ -143,6 +143,20 @@ def read_records(path: str | Path, *, skip_invalid: bool = False, stats: Counter
     return out
 
 
+def training_prompts(records: list[Record]) -> list[Record]:
+    """Every distinct conversation prefix that ends in a user turn followed by an assistant answer."""
+    seen, prompts = set(), []
+    for r in records:
+        for i in range(1, len(r.conversations)):
+            if r.conversations[i].role == ASSISTANT and r.conversations[i - 1].role == USER:
+                prefix = [Turn(t.role, t.value) for t in r.conversations[:i]]
+                key = (r.system, tuple((t.role, t.value) for t in prefix))
+                if key not in seen:
+                    seen.add(key)
+                    prompts.append(Record(prefix, r.system))
+    return prompts
+
+
 def write_records(path: str | Path, records) -> int:
     """Atomically write records as JSONL; returns how many."""
     return write_jsonl(path, (r.to_json() for r in records))

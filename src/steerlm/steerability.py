@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from steerlm.data import templates
 from steerlm.data.records import ASSISTANT, Record, Turn, read_records, training_prompts
 from steerlm.metrics import spearman
 
@@ -162,7 +163,7 @@ def mean_words(result: AttributeResult) -> list[float]:
 #: An answer that opens with a `name:level` pair (or the attribute marker) writes an attribute line instead of
 #: answering: the failure of a model pushed to read its line harder than it learned to answer under it
 #: (docs/steering.md: `category:1,quality:2,...` or its own line repeated, at the low verbosity levels).
-_LINE_START = re.compile(r"^\W*(?:<attributes>)?\s*[A-Za-z_][\w-]{0,23}\s?:\s?\d")
+_LINE_START = re.compile(rf"^\W*(?:{re.escape(templates.ATTR_MARKER)})?\s*[A-Za-z_][\w-]{{0,23}}\s?:\s?\d")
 
 
 def writes_attribute_line(text: str) -> bool:

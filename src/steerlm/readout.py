@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from steerlm import conditioning
 from steerlm import config as config_lib
-from steerlm.data.records import VAL_NAMES, read_records
+from steerlm.data.records import read_records, val_records_file
 from steerlm.errors import UserError
 from steerlm.io import write_json
 
@@ -54,19 +54,6 @@ class Config:
             raise ValueError("max_length must be >= 8 and batch_size >= 1")
 
 
-def records_file(data: str) -> Path:
-    """The records file of `data`: the file itself, or a folder's validation split."""
-    path = Path(data)
-    if path.is_dir():
-        found = next((path / n for n in VAL_NAMES if (path / n).is_file()), None)
-        if found is None:
-            raise UserError(f"no {' or '.join(VAL_NAMES)} in the data folder", file=str(path))
-        return found
-    if not path.is_file():
-        raise UserError("no such records file or folder", file=str(path))
-    return path
-
-
 def main(cfg: Config) -> dict:
     from steerlm.generator import Generator
 
@@ -78,7 +65,7 @@ def main(cfg: Config) -> dict:
     if unknown:
         raise UserError(f"attribute {unknown[0]!r} is not in the model's schema ({', '.join(gen.schema.names)})",
                         field="attributes")  # fmt: skip
-    path = records_file(cfg.data)
+    path = val_records_file(cfg.data)
     records = read_records(path, skip_invalid=cfg.skip_invalid)
     conditioning.add_computed_labels(records, gen.computed, gen.schema.levels)
     try:

@@ -45,6 +45,7 @@ from steerlm.data.records import (
     Record,
     Turn,
     data_levels,
+    find_split,
     read_records,
 )
 from steerlm.errors import UserError
@@ -168,10 +169,10 @@ def data_files(cfg: Config) -> tuple[Path, Path | None]:
     """(train file, validation file or None) from `data` (folder or file) and `val_data`."""
     data = Path(cfg.data)
     if data.is_dir():
-        train_file = next((data / n for n in TRAIN_NAMES if (data / n).is_file()), None)
+        train_file = find_split(data, TRAIN_NAMES)
         if train_file is None:
             raise UserError(f"no {' or '.join(TRAIN_NAMES)} in the data folder", file=str(data))
-        val = next((data / n for n in VAL_NAMES if (data / n).is_file()), None)
+        val = find_split(data, VAL_NAMES)
     elif data.is_file():
         train_file, val = data, None
     else:

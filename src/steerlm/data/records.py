@@ -36,6 +36,25 @@ TRAIN_NAMES = ("train.jsonl", "train.jsonl.gz")
 VAL_NAMES = ("val.jsonl", "val.jsonl.gz", "validation.jsonl", "validation.jsonl.gz")
 
 
+def find_split(folder: Path, names: tuple[str, ...]) -> Path | None:
+    """The first of `names` (TRAIN_NAMES or VAL_NAMES) that is a file in `folder`, or None."""
+    return next((folder / n for n in names if (folder / n).is_file()), None)
+
+
+def val_records_file(data: str | Path) -> Path:
+    """The held-out records of `data`: the file itself, or a folder's validation split (the first of VAL_NAMES).
+    Raises UserError naming the path when neither exists."""
+    path = Path(data)
+    if path.is_dir():
+        found = find_split(path, VAL_NAMES)
+        if found is None:
+            raise UserError(f"no {' or '.join(VAL_NAMES)} in the data folder", file=str(path))
+        return found
+    if not path.is_file():
+        raise UserError("no such records file or folder", file=str(path))
+    return path
+
+
 @dataclass
 class Turn:
     role: str

@@ -1,6 +1,7 @@
 """Issue #8, making steering work at small scale: the computed `verbosity` attribute, attribute guidance at inference,
 and the SFT levers (label dropout, sibling batches, oversampling, the flip-gap metric). docs/steering.md."""
 
+import gzip
 import json
 from collections import Counter
 from dataclasses import replace
@@ -20,6 +21,7 @@ from steerlm.steerability import (
     AttributeResult,
     ComputedScorer,
     attribute_line_answers,
+    empty_answers,
     held_out_prompts,
     measure_attribute,
     measure_verbosity,
@@ -187,6 +189,27 @@ def test_neutral_prompt_is_the_unconditional_or_reference_one(lm):
     assert not plain.guided(replace(GREEDY, guidance_scale=3.0))
 
 
+def test_middle_reference_moves_the_requested_attributes_to_the_middle_level(lm):
+    gen = Generator(*lm, schema=SCHEMA, template="chat", conditioning="attributes")
+    assert SCHEMA.middle_level == 4 and SCHEMA.defaults()["quality"] == 9
+    # what the request names goes to the middle; the rest stays at its default, as in the request
+    assert gen.reference_string("middle", {"humor": 9}) == "quality:9,humor:4"
+    assert gen.reference_string("middle", "quality:0,humor:7") == "quality:4,humor:4"
+    assert gen.reference_string("middle", None) == gen.attribute_string(None)  # names nothing: the request itself
+    assert (
+        gen.reference_string("humor:3", {"humor": 9}) == "quality:9,humor:3" and gen.reference_string("", {}) is None
+    )
+    with pytest.raises(UserError, match="unknown attribute 'humr'"):
+        gen.reference_string("middle", {"humr": 1})
+    # generation against 'middle' is generation against the explicit middle-level string, request by request
+    attrs = [{"humor": 9}, {"quality": 0}]
+    middle = gen.generate(PROMPTS[:2], attrs, replace(GREEDY, guidance_scale=3.0, guidance_reference="middle"))
+    assert middle == [gen.generate(p, a, replace(GREEDY, guidance_scale=3.0, guidance_reference=ref))[0]
+                      for p, a, ref in zip(PROMPTS[:2], attrs, ["humor:4", "quality:4"], strict=True)]  # fmt: skip
+    assert "".join(gen.stream(PROMPTS[0], attrs[0], replace(GREEDY, guidance_scale=3.0,
+                                                            guidance_reference="middle"))) == middle[0]  # fmt: skip
+
+
 class FlagLM(torch.nn.Module):
     """Stand-in LM counting its forward calls: a row whose prompt has `long_len` real tokens (the requested
     condition, with its attribute line) scores token 6 at 1.5, otherwise at 0.5; token 5 always scores 2.0. Plain
@@ -335,6 +358,7 @@ def test_answers_that_write_an_attribute_line_are_counted_per_level():
     assert not any(writes_attribute_line(t) for t in answers)
     result = AttributeResult("verbosity", [0, 4], [0.0, 4.0], 1.0, 1.0, 1, {0: lines[:3] + answers[:1], 4: answers})
     assert attribute_line_answers(result) == [3, 0]
+    assert empty_answers(result) == [0, 1] and empty_answers(replace(result, answers={0: [" \n", ""]})) == [2, 0]
 
 
 def test_held_out_prompts_are_the_val_prompts_drawn_alike_from_a_folder_or_a_file(tmp_path):
@@ -349,3 +373,11 @@ def test_held_out_prompts_are_the_val_prompts_drawn_alike_from_a_folder_or_a_fil
     (tmp_path / "bad.jsonl").write_text('{"conversations": [{"from": "User"}]}\n')
     with pytest.raises(UserError, match=r"bad.jsonl:1: conversations\[0\].value"):
         held_out_prompts(tmp_path / "bad.jsonl", 4, seed=7)
+    # any validation split name `steerlm prepare` or a user may write (records.VAL_NAMES), and a located error without
+    gz = tmp_path / "gz"
+    gz.mkdir()
+    (gz / "validation.jsonl.gz").write_bytes(gzip.compress((tmp_path / "val.jsonl").read_bytes()))
+    assert held_out_prompts(gz, 4, seed=7) == from_folder
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match=r"empty.*no val.jsonl or val.jsonl.gz"):
+        held_out_prompts(tmp_path / "empty", 4, seed=7)

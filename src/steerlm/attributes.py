@@ -103,6 +103,11 @@ class AttributeSchema:
     def max_level(self) -> int:
         return self.levels - 1
 
+    @property
+    def middle_level(self) -> int:
+        """(L-1) // 2: verbosity's default and the reference level of `guidance_reference='middle'`."""
+        return self.max_level // 2
+
     def bucket(self, value: float) -> int:
         return bucket(value, self.levels)
 
@@ -161,7 +166,7 @@ class AttributeSchema:
             if n in MAX_BY_DEFAULT:
                 out[n] = self.max_level
             elif n == "verbosity":
-                out[n] = self.max_level // 2
+                out[n] = self.middle_level
             else:
                 out[n] = 0
         return out

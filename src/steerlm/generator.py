@@ -36,6 +36,8 @@ from steerlm.data.records import ASSISTANT, DEFAULT_SYSTEM, USER, Record, Turn, 
 from steerlm.errors import UserError
 
 META = models.MODEL_META
+#: `SamplingArgs.guidance_reference` that moves the request's own attributes to the middle level.
+MIDDLE = "middle"
 
 
 @dataclass
@@ -67,7 +69,9 @@ class SamplingArgs:
     run in one batched forward pass; 1.6-1.7x measured on CPU). Ignored by models trained without attributes."""
     guidance_reference: str = ""
     """The neutral condition of attribute guidance: '' is the unconditional prompt (no attribute line; learned from
-    `steerlm sft --label_dropout`), or an attribute string (unspecified attributes at their defaults)."""
+    `steerlm sft --label_dropout`), an attribute string (unspecified attributes at their defaults), or 'middle': the
+    request with every attribute it names at the middle level (`AttributeSchema.middle_level`), so guidance pushes
+    each named attribute away from the middle and leaves the others as they are (docs/steering.md)."""
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -210,16 +214,29 @@ class Generator:
         a scale other than 1)."""
         return sampling is not None and self.schema is not None and sampling.guidance_scale != 1.0
 
-    def neutral_segments(self, conversation, sampling: SamplingArgs) -> list[str]:
-        """The neutral-condition prompt of attribute guidance: the conversation with no attribute line on the answer
-        (`inference_segments(record, None)`: what SFT's label dropout teaches), or with the reference attribute
-        string `sampling.guidance_reference` (unspecified attributes at their defaults)."""
+    def reference_string(self, reference: str, attributes: Mapping[str, int] | str | None = None) -> str | None:
+        """The attribute line of guidance's neutral condition (`SamplingArgs.guidance_reference`) for a request of
+        `attributes`: None for '' (the unconditional prompt), the named attributes of the request at the middle level
+        for 'middle' (the request itself when it names none), else `reference` as an attribute string (unspecified
+        attributes at their defaults). Raises UserError naming a bad attribute."""
+        if not reference:
+            return None
+        if reference == MIDDLE and self.schema is not None:
+            named = self.schema.parse(attributes) if isinstance(attributes, str) else dict(attributes or {})
+            return self.attribute_string({name: self.schema.middle_level for name in self.schema.validate(named)})
+        return self.attribute_string(reference)
+
+    def neutral_segments(self, conversation, sampling: SamplingArgs, attributes=None) -> list[str]:
+        """The neutral-condition prompt of attribute guidance for a request of `attributes`: the conversation with
+        no attribute line on the answer (`inference_segments(record, None)`: what SFT's label dropout teaches), or
+        with the line of `reference_string(sampling.guidance_reference, attributes)`."""
         record = self.as_record(conversation)
-        reference = self.attribute_string(sampling.guidance_reference) if sampling.guidance_reference else None
+        reference = self.reference_string(sampling.guidance_reference, attributes)
         return templates.inference_segments(record, reference, self.template, self.tokenizer)
 
-    def neutral_ids(self, conversation, sampling: SamplingArgs) -> list[int]:
-        return templates.encode_text_segments(self.neutral_segments(conversation, sampling), self.tokenizer)
+    def neutral_ids(self, conversation, sampling: SamplingArgs, attributes=None) -> list[int]:
+        segments = self.neutral_segments(conversation, sampling, attributes)
+        return templates.encode_text_segments(segments, self.tokenizer)
 
     def stop_strings(self, sampling: SamplingArgs, raw: bool = False) -> list[str]:
         own = [] if raw else templates.stop_strings(self.template, self.tokenizer)
@@ -248,7 +265,9 @@ class Generator:
             conversations = [conversations]
         per = self._per_conversation(attributes, len(conversations))
         prompts = [self.prompt_ids(c, a) for c, a in zip(conversations, per, strict=True)]
-        neutral = [self.neutral_ids(c, sampling) for c in conversations] if self.guided(sampling) else None
+        neutral = None
+        if self.guided(sampling):
+            neutral = [self.neutral_ids(c, sampling, a) for c, a in zip(conversations, per, strict=True)]
         return self.generate_ids(prompts, sampling, batch_size, neutral=neutral)
 
     def complete(self, texts: Sequence[str], sampling: SamplingArgs | None = None, batch_size: int = 8,
@@ -279,7 +298,7 @@ class Generator:
         """Text pieces of one answer as they are generated; joined, they equal `generate([conversation])[0]` for
         the same sampling. Text that may turn out to be (the start of) a stop string is held back until it is
         known not to be."""
-        neutral = self.neutral_ids(conversation, sampling) if self.guided(sampling) else None
+        neutral = self.neutral_ids(conversation, sampling, attributes) if self.guided(sampling) else None
         return self.stream_ids(self.prompt_ids(conversation, attributes), sampling, neutral=neutral)
 
     def stream_ids(self, prompt: list[int], sampling: SamplingArgs | None = None, raw: bool = False,

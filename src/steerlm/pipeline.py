@@ -49,6 +49,9 @@ class CheckArgs:
     """Seed of prompt choice and sampling."""
     guidance_scale: float = 1.0
     """Attribute guidance of the check's and the demo's answers (1: plain SteerLM; docs/steering.md)."""
+    guidance_reference: str = ""
+    """Guidance's neutral condition (`SamplingArgs.guidance_reference`): '' (no attribute line), an attribute string,
+    or 'middle' (the measured attribute at its middle level: guidance pushes it away from the middle)."""
     compare_guidance: list[float] = field(default_factory=list)
     """Further guidance scales to run the check at, reported beside the main one (e.g. [1.0] to see what guidance
     adds)."""
@@ -270,6 +273,7 @@ def run_check(model: str, apm_model: str, data_dir: Path, check: CheckArgs, out:
     from steerlm.generator import Generator, SamplingArgs
     from steerlm.steerability import (
         attribute_line_answers,
+        empty_answers,
         format_table,
         held_out_prompts,
         mean_words,
@@ -294,6 +298,7 @@ def run_check(model: str, apm_model: str, data_dir: Path, check: CheckArgs, out:
             levels = [min(lv, top) for lv in check.levels_for.get(a, check.levels)] or [0, top]
             sampling = SamplingArgs(max_new_tokens=int(check.max_new_tokens_for.get(a, check.max_new_tokens)),
                                     temperature=check.temperature, seed=check.seed, guidance_scale=scale,
+                                    guidance_reference=check.guidance_reference,
                                     repetition_penalty=check.repetition_penalty)  # fmt: skip
             results.append(
                 measure_attribute(generator, s, prompts, a, sorted(set(levels)), sampling, batch_size=check.batch_size)
@@ -303,17 +308,21 @@ def run_check(model: str, apm_model: str, data_dir: Path, check: CheckArgs, out:
     results = at(check.guidance_scale)
     table = f"{len(prompts)} held-out prompts; " + format_table(results)
     if check.guidance_scale != 1.0:
-        table = f"guidance scale {check.guidance_scale:g}, " + table
+        against = f" against {check.guidance_reference!r}" if check.guidance_reference else ""
+        table = f"guidance scale {check.guidance_scale:g}{against}, " + table
     words = {r.attribute: mean_words(r) for r in results}
     if "verbosity" in words:
         r = next(r for r in results if r.attribute == "verbosity")
         table += "\n  mean words   " + "  ".join(f"{lv}->{w:g}" for lv, w in zip(r.requested, words["verbosity"],
                                                                                    strict=True))  # fmt: skip
-        lines = attribute_line_answers(r)
-        if any(lines):  # the failure to look for first when the slider is flat (docs/steering.md)
-            table += (f"\n  answers that write an attribute line instead of answering (of {len(prompts)}): "
-                      + "  ".join(f"{lv}->{n}" for lv, n in zip(r.requested, lines, strict=True)))  # fmt: skip
-    report = {"table": table, "guidance_scale": check.guidance_scale, "prompts": len(prompts), "words": words,
+        # the failures to look for first: a slider that is flat, or one that scores well by not answering
+        for what, counts in (("write an attribute line instead of answering", attribute_line_answers(r)),
+                             ("are empty", empty_answers(r))):  # fmt: skip
+            if any(counts):
+                table += (f"\n  answers that {what} (of {len(prompts)}): "
+                          + "  ".join(f"{lv}->{n}" for lv, n in zip(r.requested, counts, strict=True)))  # fmt: skip
+    report = {"table": table, "guidance_scale": check.guidance_scale, "guidance_reference": check.guidance_reference,
+              "prompts": len(prompts), "words": words,
               "attributes": {r.attribute: r.to_json() for r in results}}  # fmt: skip
     verb = next((r for r in results if r.attribute == "verbosity"), None)
     if verb is not None and len(verb.requested) > 1:  # one prompt, lowest and highest verbosity
@@ -366,7 +375,8 @@ def demo(model: str, check: CheckArgs) -> None:
     settings = [{k: min(v, top) for k, v in s.items() if k in generator.schema.names} for s in check.demo_settings]
     prompt = Record([Turn("User", check.demo_prompt)])
     sampling = SamplingArgs(max_new_tokens=check.max_new_tokens, temperature=check.temperature, seed=check.seed,
-                            guidance_scale=check.guidance_scale, repetition_penalty=check.repetition_penalty)  # fmt: skip
+                            guidance_scale=check.guidance_scale, guidance_reference=check.guidance_reference,
+                            repetition_penalty=check.repetition_penalty)  # fmt: skip
     answers = generator.generate([prompt] * len(settings), settings, sampling)
     print(f"\nprompt: {check.demo_prompt}")
     for s, a in zip(settings, answers, strict=True):

@@ -244,7 +244,7 @@ def create_app(cfg: Config | str, *, generator=None, apm=None):
         ids = svc.prompt_ids(record, levels)
         max_tokens = svc.answer_budget([ids], requested, "messages", tokens_param=tokens_param)
         base = svc.openai_sampling(req, max_tokens)
-        neutral = svc.neutral_ids(record, base)
+        neutral = svc.neutral_ids(record, base, req.attributes)
         samplings = [_with_seed(base, i) for i in range(req.n)]
         rows, events = svc.submit([ids] * req.n, samplings, templated=True, neutral=[neutral] * req.n,
                                   prompt_tokens=len(ids))  # fmt: skip
@@ -310,7 +310,7 @@ def create_app(cfg: Config | str, *, generator=None, apm=None):
         if svc.gen.guided(base) and not templated:
             raise ApiError(422, "guidance_scale: guidance needs `attributes` (a raw prompt has no attribute line)",
                            param="guidance_scale")  # fmt: skip
-        neutral = [svc.neutral_ids(r, base) for r in records] if templated else [None] * len(records)
+        neutral = [svc.neutral_ids(r, base, req.attributes) for r in records] if templated else [None] * len(records)
         per_row = [(p, _with_seed(base, j), q) for p, q in zip(prompts, neutral, strict=True) for j in range(req.n)]
         rows, events = svc.submit([p for p, _, _ in per_row], [s for _, s, _ in per_row], templated=templated,
                                   neutral=[q for _, _, q in per_row], prompt_tokens=sum(map(len, prompts)))  # fmt: skip

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from steerlm.data import templates
-from steerlm.data.records import ASSISTANT, Record, Turn, read_records, training_prompts
+from steerlm.data.records import ASSISTANT, Record, Turn, read_records, training_prompts, val_records_file
 from steerlm.metrics import spearman
 
 
@@ -45,10 +45,10 @@ def draw_prompts(prompts: Sequence[Record], n: int, seed: int) -> list[Record]:
 
 
 def held_out_prompts(source: str | Path, n: int, seed: int) -> list[Record]:
-    """The check's held-out prompts: every prompt (`training_prompts`) of a data folder's val.jsonl, or of a records
-    file, then `n` of them drawn with `seed` (`draw_prompts`). Raises UserError, located, on a bad records line."""
-    source = Path(source)
-    return draw_prompts(training_prompts(read_records(source / "val.jsonl" if source.is_dir() else source)), n, seed)
+    """The check's held-out prompts: every prompt (`training_prompts`) of a data folder's validation split
+    (`val_records_file`) or of a records file, then `n` of them drawn with `seed` (`draw_prompts`). Raises UserError,
+    located, on a missing split or a bad records line."""
+    return draw_prompts(training_prompts(read_records(val_records_file(source))), n, seed)
 
 
 def measure_attribute(generator, apm, prompts: Sequence[Record], attribute: str, levels: Sequence[int], sampling,
@@ -175,6 +175,12 @@ def attribute_line_answers(result: AttributeResult) -> list[int]:
     """How many answers at each requested level write an attribute line instead of answering
     (`writes_attribute_line`)."""
     return [sum(writes_attribute_line(a) for a in result.answers.get(lv, [])) for lv in result.requested]
+
+
+def empty_answers(result: AttributeResult) -> list[int]:
+    """How many answers at each requested level are empty (the model ended at once; strong guidance does this at
+    the lowest levels, docs/steering.md). An empty answer measures as the shortest, so a check reports the count."""
+    return [sum(not a.strip() for a in result.answers.get(lv, [])) for lv in result.requested]
 
 
 def plot_results(results: Sequence[AttributeResult], path, title: str = "") -> None:

@@ -133,7 +133,8 @@ class OpenAISampling(_Strict):
     """steerlm extension: attribute guidance scale (1: plain SteerLM; > 1 amplifies the requested attributes at about
     twice the compute; see generate.SamplingArgs)."""
     guidance_reference: str | None = None
-    """steerlm extension: the neutral condition of guidance ('' : no attribute line, or an attribute string)."""
+    """steerlm extension: the neutral condition of guidance ('' : no attribute line, an attribute string, or 'middle':
+    the requested attributes at their middle level; see generate.SamplingArgs)."""
     user: str | None = None
     # Accepted for compatibility; only their neutral values are supported (checked in service._check_unsupported).
     presence_penalty: float | None = None

@@ -189,7 +189,7 @@ class Service:
             raise ApiError(422, f"guidance: model {self.name!r} is not attribute-conditioned", param="guidance_scale")
         if req.guidance_reference:
             try:
-                self.gen.attribute_string(req.guidance_reference)
+                self.gen.reference_string(req.guidance_reference, {**self.defaults, **(req.attributes or {})})
             except UserError as e:
                 raise ApiError(422, f"guidance_reference: {e}", param="guidance_reference") from None
         return self.sampling(max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=top_k,
@@ -197,12 +197,13 @@ class Service:
                              seed=req.seed, guidance_scale=req.guidance_scale,
                              guidance_reference=req.guidance_reference)  # fmt: skip
 
-    def neutral_ids(self, record: Record, sampling) -> list[int] | None:
-        """The neutral prompt of attribute guidance, when the request asks for guidance."""
+    def neutral_ids(self, record: Record, sampling, requested: dict[str, Any] | None = None) -> list[int] | None:
+        """The neutral prompt of attribute guidance, when the request asks for guidance; `requested` (the request's
+        `attributes`, over the server defaults) names what `guidance_reference='middle'` moves."""
         if not self.gen.guided(sampling):
             return None
         try:
-            return self.gen.neutral_ids(record, sampling)
+            return self.gen.neutral_ids(record, sampling, {**self.defaults, **(requested or {})})
         except UserError as e:
             raise ApiError(422, f"guidance_reference: {e}", param="guidance_reference") from None
 

@@ -72,6 +72,24 @@ def test_check_decodes_in_batches_of_its_batch_size(tiny_run, tmp_path, monkeypa
         pipeline.CheckArgs(batch_size=0)
 
 
+def test_check_guides_against_its_reference(tiny_run, tmp_path, monkeypatch):
+    out, _ = tiny_run
+    seen = []
+    measure = steerability.measure_attribute
+
+    def spy(generator, apm, prompts, attribute, levels, sampling, **kwargs):
+        seen.append((sampling.guidance_scale, sampling.guidance_reference))
+        return measure(generator, apm, prompts, attribute, levels, sampling, **kwargs)
+
+    monkeypatch.setattr(steerability, "measure_attribute", spy)
+    check = pipeline.CheckArgs(attributes=["verbosity"], levels_for={"verbosity": [0, 9]}, num_prompts=2,
+                               max_new_tokens=4, guidance_scale=2.0, guidance_reference="middle")  # fmt: skip
+    report = pipeline.run_check(str(out / "sft" / "best"), str(out / "apm" / "best"), out / "data", check, tmp_path)
+    assert seen == [(2.0, "middle")]
+    assert report["guidance_reference"] == "middle"
+    assert report["table"].startswith("guidance scale 2 against 'middle', 2 held-out prompts")
+
+
 def test_bootstrap_labels_come_from_the_apm(tiny_run):
     out, _ = tiny_run
     records = read_records(out / "bootstrap" / "bootstrap.jsonl")

@@ -38,10 +38,11 @@ class ScriptedGenerator:
     `skill(prompt)` stars, the quality a judge sees."""
 
     def __init__(self, name: str, skill):
-        self.name, self.skill, self.calls = name, skill, 0
+        self.name, self.skill, self.calls, self.asked = name, skill, 0, []
 
     def generate(self, conversations, attributes, sampling, batch_size=8):
         self.calls += 1
+        self.asked += list(attributes)
         out = []
         for conv, levels in zip(conversations, attributes, strict=True):
             text = conv if isinstance(conv, str) else conv.conversations[-1].value
@@ -154,6 +155,14 @@ def test_steerability_of_a_model_that_obeys_exactly(scripted_run):
             assert r["spearman"] == pytest.approx(1.0)
             assert r["slope"] == pytest.approx(1.0)
             assert r["monotone_steps"] == 3 and r["n"] == [4, 4, 4, 4] and r["failed"] == 0
+
+
+def test_generators_are_asked_only_what_the_evaluation_names(scripted_run):
+    # the schema defaults fill in the rest inside the generator; guidance's 'middle' reference moves what is named
+    _, _, _, gens, _ = scripted_run
+    asked = gens["strong"].asked
+    assert {"humor": 6} in asked and {"quality": 0} in asked
+    assert all(len(a) <= 1 for a in asked)  # one steered attribute, or the model's (empty) quality-run setting
 
 
 def test_win_rate_ci_elo_and_relative_scores(scripted_run):

@@ -178,6 +178,23 @@ def test_generate_command(lm, tmp_path, capsys):
     assert cli.run(["generate", f"--model={model}", "--attr", "humor=12", "Hi"]) == 2
     assert "humor: level 12 is out of range 0..9" in capsys.readouterr().err
 
+
+def test_generate_command_guides_against_the_middle_of_what_it_names(lm, tmp_path, capsys, monkeypatch):
+    meta = {"attributes": SCHEMA.to_dict(), "template": "chat", "conditioning": "attributes", "base_model": "tiny-lm",
+            "lora": False}  # fmt: skip
+    model = _save(lm, tmp_path / "model", meta)
+    gen = Generator.load(model, device="cpu")
+    guided = dict(max_new_tokens=12, greedy=True, guidance_scale=3.0)
+    expected = gen.generate(["Hi"], {"humor": 7}, SamplingArgs(**guided, guidance_reference="humor:4"))[0]
+    neutral = []
+    real = Generator.neutral_ids
+    monkeypatch.setattr(Generator, "neutral_ids", lambda self, c, s, a=None: neutral.append(a) or real(self, c, s, a))
+    args = ["generate", f"--model={model}", "--attr", "humor=7", "--greedy", "--max_new_tokens=12",
+            "--guidance_scale=3", "--guidance_reference=middle", "Hi"]  # fmt: skip
+    assert cli.run(args) == 0
+    assert capsys.readouterr().out == expected + "\n"
+    assert neutral == [{"humor": 7}]  # what the user named, not the request filled with defaults
+
     base = Generator.load("tiny-lm", device="cpu")  # a plain model: chat template, no attributes
     assert (base.template, base.conditioning, base.schema) == ("chat", "none", None)
 

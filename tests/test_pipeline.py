@@ -88,6 +88,9 @@ def test_check_guides_against_its_reference(tiny_run, tmp_path, monkeypatch):
     assert seen == [(2.0, "middle")]
     assert report["guidance_reference"] == "middle"
     assert report["table"].startswith("guidance scale 2 against 'middle', 2 held-out prompts")
+    with pytest.raises(ValueError, match="guidance_reference must be"):
+        pipeline.CheckArgs(guidance_reference="midle")
+    assert pipeline.CheckArgs(guidance_reference="humor:2,verbosity:2").guidance_reference == "humor:2,verbosity:2"
 
 
 def test_bootstrap_labels_come_from_the_apm(tiny_run):

@@ -78,11 +78,12 @@ def main(cfg: Config) -> int:
         items = read_prompts(cfg.prompts) + [(p, {}, {}) for p in cfg.prompt]
     else:
         items = [(p, {}, {}) for p in cfg.prompt]
-    requests = []
+    asked, requests = [], []  # what each line names (guidance's 'middle' moves it), and that over the defaults
     for _, attrs, _ in items:
         row = gen.schema.parse(attrs) if isinstance(attrs, str) and gen.schema else attrs
-        requests.append(gen.resolve_attributes({**levels, **(row if isinstance(row, dict) else {})}))
-    answers = gen.generate([c for c, _, _ in items], requests, sampling, batch_size=cfg.batch_size)
+        asked.append({**levels, **(row if isinstance(row, dict) else {})})
+        requests.append(gen.resolve_attributes(asked[-1]))
+    answers = gen.generate([c for c, _, _ in items], asked, sampling, batch_size=cfg.batch_size)
     if not cfg.prompts:
         print("\n\n".join(answers))
         return 0

@@ -11,6 +11,7 @@ the pipeline fills in the paths that connect the stages. It ends with a summary 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,7 +52,8 @@ class CheckArgs:
     """Attribute guidance of the check's and the demo's answers (1: plain SteerLM; docs/steering.md)."""
     guidance_reference: str = ""
     """Guidance's neutral condition (`SamplingArgs.guidance_reference`): '' (no attribute line), an attribute string,
-    or 'middle' (the measured attribute at its middle level: guidance pushes it away from the middle)."""
+    or 'middle' (the attributes each answer asks for at their middle level: in the check the measured one, in the
+    demo those its setting names; guidance pushes them away from the middle)."""
     compare_guidance: list[float] = field(default_factory=list)
     """Further guidance scales to run the check at, reported beside the main one (e.g. [1.0] to see what guidance
     adds)."""
@@ -65,6 +67,11 @@ class CheckArgs:
     def __post_init__(self):
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, not {self.batch_size}")
+        # caught here, not after the SFT stage: '', 'middle' or an attribute string such as 'humor:2,verbosity:2'
+        if self.guidance_reference not in ("", "middle") and not re.fullmatch(r"\w+:\d+(,\w+:\d+)*",
+                                                                              self.guidance_reference):  # fmt: skip
+            raise ValueError(f"guidance_reference must be '', 'middle' or an attribute string, not "
+                             f"{self.guidance_reference!r}")  # fmt: skip
 
 
 @dataclass
@@ -336,7 +343,8 @@ def run_check(model: str, apm_model: str, data_dir: Path, check: CheckArgs, out:
         for scale in others:
             extra = at(scale)
             report["by_guidance"][f"{scale:g}"] = {r.attribute: r.to_json() for r in extra}
-            report["table"] += f"\n\nguidance scale {scale:g}, " + format_table(extra)
+            against = f" against {check.guidance_reference!r}" if check.guidance_reference and scale != 1 else ""
+            report["table"] += f"\n\nguidance scale {scale:g}{against}, " + format_table(extra)
     sft_summary = Path(model).parent / "summary.json"
     readout = json.loads(sft_summary.read_text()).get("readout") if sft_summary.is_file() else None
     if readout:

@@ -38,7 +38,8 @@ def generate_missing(cfg: Config, specs: dict[str, ModelSpec], infos: dict[str, 
         with tqdm(total=len(items), desc=name, unit="answer", leave=False) as bar:
             for start in range(0, len(items), step):
                 part = items[start : start + step]
-                answers = gen.generate([j.prompt.conversation for j in part], [j.attributes for j in part],
+                asked = [j.attributes if j.named is None or j.attributes is None else j.named for j in part]
+                answers = gen.generate([j.prompt.conversation for j in part], asked,
                                        cfg.sampling_for(name), batch_size=cfg.batch_size)  # fmt: skip
                 cache.add([{"key": j.key, "model": name, "path": spec.path, "fp": infos[name]["fingerprint"],
                             "prompt_id": j.prompt.pid, "attributes": j.attributes, "answer": a}

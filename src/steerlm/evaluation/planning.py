@@ -172,6 +172,9 @@ class Job:
     """The steered attribute ('' for a quality answer)."""
     level: int = -1
     answer: str = ""
+    named: dict[str, int] | None = None
+    """The levels the evaluation asks for before the defaults fill in the rest: what guidance's 'middle' reference
+    moves (None: all of `attributes`)."""
 
 
 def sampling_key(sampling: SamplingArgs) -> dict:
@@ -231,7 +234,8 @@ def plan_steerability(cfg: Config, specs: dict[str, ModelSpec], infos: dict[str,
             for lv in levels:
                 attrs = schema.with_defaults({attr: lv}) if schema else None
                 for p in chosen:
-                    jobs.append(Job(name, p, attrs, generation_key(cfg, specs[name], p, attrs), attr, lv))
+                    jobs.append(Job(name, p, attrs, generation_key(cfg, specs[name], p, attrs), attr, lv,
+                                    named={attr: lv}))  # fmt: skip
     return jobs
 
 
@@ -261,5 +265,6 @@ def plan_quality(cfg: Config, specs: dict[str, ModelSpec], infos: dict[str, dict
     for name in dict.fromkeys(n for pair in pairs for n in pair):
         schema = schema_of(infos[name])
         attrs = schema.with_defaults(specs[name].attributes) if schema else None
-        jobs += [Job(name, p, attrs, generation_key(cfg, specs[name], p, attrs)) for p in chosen]
+        named = dict(specs[name].attributes or {})
+        jobs += [Job(name, p, attrs, generation_key(cfg, specs[name], p, attrs), named=named) for p in chosen]
     return jobs, pairs, chosen

@@ -212,3 +212,12 @@ def test_generator_and_the_server_engine_give_the_same_greedy_answers(lm, engine
         (e.token_ids, e.text, e.finish_reason) for e in expected
     ]
     assert engine.stats.max_batch == (7 if scale != 1.0 else 4) and engine.stats.rows_started == 4
+
+
+def test_guide_adds_a_shadow_row_only_for_another_prompt():
+    # a neutral prompt equal to the row's own (guidance_reference 'middle' naming nothing) would change no logit
+    s = SamplingArgs(max_new_tokens=4, greedy=True, guidance_scale=2.0)
+    same = Row([1, 2, 3], s).guide([1, 2, 3])
+    assert same.shadow is None
+    other = Row([1, 2, 3], s).guide([1, 2])
+    assert other.shadow is not None and other.shadow.prompt_ids == [1, 2] and other.shadow.main is other

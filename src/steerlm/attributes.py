@@ -58,6 +58,9 @@ NAMED_SETS = {"steerable": STEERABLE, "paper": PAPER, "helpsteer": HELPSTEER}
 #: Attributes whose desirable value is the top level; every other attribute defaults to 0 at inference
 #: (as in NVIDIA's SteerLM tutorial prompts: quality and helpfulness at max, toxicity, humor, ... at 0).
 MAX_BY_DEFAULT = ("quality", "helpfulness", "correctness", "coherence")
+#: The guidance reference (`SamplingArgs.guidance_reference`) that moves the request's own attributes to
+#: `AttributeSchema.middle_level`.
+MIDDLE = "middle"
 
 _CANONICAL = STEERABLE + tuple(n for n in HELPSTEER if n not in STEERABLE)
 

@@ -106,8 +106,11 @@ class Row:
         self.cancelled = True
 
     def guide(self, neutral_ids: list[int]) -> Row:
-        """Decode with attribute guidance against `neutral_ids` (at `sampling.guidance_scale`); returns self."""
-        self.shadow = Row(neutral_ids, self.sampling, main=self)
+        """Decode with attribute guidance against `neutral_ids` (at `sampling.guidance_scale`); returns self. A neutral
+        prompt equal to this row's (guidance_reference 'middle' with nothing named) changes no logit, so it gets no
+        shadow row."""
+        if neutral_ids != self.prompt_ids:
+            self.shadow = Row(neutral_ids, self.sampling, main=self)
         return self
 
 

@@ -29,15 +29,13 @@ import torch
 
 from steerlm import config as config_lib
 from steerlm import models
-from steerlm.attributes import AttributeSchema, LengthBuckets, computed_from_dict, parse_assignment
+from steerlm.attributes import MIDDLE, AttributeSchema, LengthBuckets, computed_from_dict, parse_assignment
 from steerlm.batching import TEXT, Engine, Row
 from steerlm.data import templates
 from steerlm.data.records import ASSISTANT, DEFAULT_SYSTEM, USER, Record, Turn, record_from_json
 from steerlm.errors import UserError
 
 META = models.MODEL_META
-#: `SamplingArgs.guidance_reference` that moves the request's own attributes to the middle level.
-MIDDLE = "middle"
 
 
 @dataclass
@@ -217,8 +215,9 @@ class Generator:
     def reference_string(self, reference: str, attributes: Mapping[str, int] | str | None = None) -> str | None:
         """The attribute line of guidance's neutral condition (`SamplingArgs.guidance_reference`) for a request of
         `attributes`: None for '' (the unconditional prompt), the named attributes of the request at the middle level
-        for 'middle' (the request itself when it names none: guidance then changes nothing and adds no row), else `reference` as an attribute string (unspecified
-        attributes at their defaults). Raises UserError naming a bad attribute."""
+        for 'middle' (the request itself when it names none: guidance then changes nothing and `Row.guide` adds no
+        row), else `reference` as an attribute string (unspecified attributes at their defaults). Raises UserError
+        naming a bad attribute."""
         if not reference:
             return None
         if reference == MIDDLE and self.schema is not None:
@@ -322,10 +321,7 @@ class Generator:
             seed = sampling.seed if sampling.seed is not None else int(torch.randint(2**62, ()))
             rng = torch.Generator(device=self.device).manual_seed(seed)
         rows = [Row(p, sampling, strip_newline=not raw, generator=rng) for p in prompts]
-        if neutral is None:
-            return rows
-        # a neutral prompt equal to the prompt (guidance_reference 'middle' with nothing named) changes no logit
-        return [r.guide(n) if n != p else r for r, n, p in zip(rows, neutral, prompts, strict=True)]
+        return rows if neutral is None else [r.guide(n) for r, n in zip(rows, neutral, strict=True)]
 
 
 def load_generator(cfg) -> Generator:

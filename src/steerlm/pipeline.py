@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from steerlm import config as config_lib
+from steerlm.attributes import MIDDLE
 from steerlm.config import to_dict
 from steerlm.errors import UserError
 from steerlm.io import write_json
@@ -68,7 +69,7 @@ class CheckArgs:
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, not {self.batch_size}")
         # caught here, not after the SFT stage: '', 'middle' or an attribute string such as 'humor:2,verbosity:2'
-        if self.guidance_reference not in ("", "middle") and not re.fullmatch(r"\w+:\d+(,\w+:\d+)*",
+        if self.guidance_reference not in ("", MIDDLE) and not re.fullmatch(r"\w+:\d+(,\w+:\d+)*",
                                                                               self.guidance_reference):  # fmt: skip
             raise ValueError(f"guidance_reference must be '', 'middle' or an attribute string, not "
                              f"{self.guidance_reference!r}")  # fmt: skip
@@ -313,10 +314,14 @@ def run_check(model: str, apm_model: str, data_dir: Path, check: CheckArgs, out:
         return results
 
     results = at(check.guidance_scale)
+
+    def guided_at(scale: float) -> str:
+        against = f" against {check.guidance_reference!r}" if check.guidance_reference and scale != 1 else ""
+        return f"guidance scale {scale:g}{against}, "
+
     table = f"{len(prompts)} held-out prompts; " + format_table(results)
     if check.guidance_scale != 1.0:
-        against = f" against {check.guidance_reference!r}" if check.guidance_reference else ""
-        table = f"guidance scale {check.guidance_scale:g}{against}, " + table
+        table = guided_at(check.guidance_scale) + table
     words = {r.attribute: mean_words(r) for r in results}
     if "verbosity" in words:
         r = next(r for r in results if r.attribute == "verbosity")
@@ -343,8 +348,7 @@ def run_check(model: str, apm_model: str, data_dir: Path, check: CheckArgs, out:
         for scale in others:
             extra = at(scale)
             report["by_guidance"][f"{scale:g}"] = {r.attribute: r.to_json() for r in extra}
-            against = f" against {check.guidance_reference!r}" if check.guidance_reference and scale != 1 else ""
-            report["table"] += f"\n\nguidance scale {scale:g}{against}, " + format_table(extra)
+            report["table"] += "\n\n" + guided_at(scale) + format_table(extra)
     sft_summary = Path(model).parent / "summary.json"
     readout = json.loads(sft_summary.read_text()).get("readout") if sft_summary.is_file() else None
     if readout:

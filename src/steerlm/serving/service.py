@@ -231,8 +231,7 @@ class Service:
             stops = self.gen.stop_strings(s, raw=not templated)
             row = Row(ids, dataclasses.replace(s, stop=stops), sink_for(i), include_stop=include_stop,
                       strip_newline=templated)  # fmt: skip
-            # a neutral prompt equal to the prompt ('middle' with nothing named) changes no logit: no shadow row
-            rows.append(row.guide(neutral[i]) if neutral and neutral[i] and neutral[i] != ids else row)
+            rows.append(row.guide(neutral[i]) if neutral and neutral[i] else row)
         try:
             self.engine.submit(rows)
         except QueueFull as e:

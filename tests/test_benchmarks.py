@@ -78,6 +78,28 @@ def test_sft_seeds_trains_and_checks_each_seed_and_reuses_finished_ones(tmp_path
     assert (tmp_path / "seeds" / "quick" / "seed1" / "summary.json").stat().st_mtime == stamp
 
 
+def test_fluency_scores_every_model_on_the_same_prompts(tmp_path):
+    from _serve_support import steerable_tiny, tiny_apm
+
+    from steerlm.data.records import Record, Turn, write_records
+
+    data = tmp_path / "data"
+    data.mkdir()
+    write_records(data / "val.jsonl", [Record([Turn("User", f"Question {i}?"), Turn("Assistant", "An answer.")])
+                                       for i in range(3)])  # fmt: skip
+    model, apm = steerable_tiny(tmp_path / "sft" / "best"), tiny_apm(tmp_path / "apm")
+    out = run_benchmark("fluency", f"--data={data}", f"--apm={apm}", "--model=plain=tiny-lm", f"--model=steer={model}",
+                        f"--model=guided={model}", "--guided=guided=3:middle", "--reference_lm=tiny-lm", "--prompts=2",
+                        "--max_new_tokens=4", f"--out={tmp_path / 'f.json'}")  # fmt: skip
+    report = json.loads((tmp_path / "f.json").read_text())
+    assert list(report["models"]) == ["plain", "steer", "guided"] and report["prompts"] == 2
+    assert report["models"]["plain"]["asked"] is None and report["models"]["steer"]["asked"] == {"quality": 9}
+    assert report["models"]["guided"]["guidance"] == [3.0, "middle"]
+    for row in report["models"].values():
+        assert len(row["answers"]) == 2 and row["perplexity"] > 1 and row["apm_quality_ci"][0] <= row["apm_quality"]
+    assert "perplexity" in out
+
+
 def _floats(value) -> list[float]:
     """Every number in a JSON value."""
     if isinstance(value, dict):

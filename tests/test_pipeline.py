@@ -5,7 +5,7 @@ import json
 import pytest
 from conftest import SHARED_DATA
 
-from steerlm import bootstrap, cli, pipeline, steerability
+from steerlm import bootstrap, cli, config, pipeline, serve, steerability
 from steerlm.attributes import AttributeSchema
 from steerlm.data.records import read_records
 
@@ -91,6 +91,18 @@ def test_check_guides_against_its_reference(tiny_run, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="guidance_reference must be"):
         pipeline.CheckArgs(guidance_reference="midle")
     assert pipeline.CheckArgs(guidance_reference="humor:2,verbosity:2").guidance_reference == "humor:2,verbosity:2"
+
+
+def test_the_printed_serve_command_carries_the_checks_guidance():
+    guided = pipeline.CheckArgs(guidance_scale=2.0, guidance_reference="middle")
+    line = pipeline.serve_command("runs/q/sft/best", "runs/q/apm/best", guided)
+    assert line == ("steerlm serve --model=runs/q/sft/best --apm=runs/q/apm/best --guidance_scale=2 "
+                    "--guidance_reference=middle")  # fmt: skip
+    lists, bools, multi = cli._fields_of(serve.Config)
+    _, _, overrides, _ = cli.parse_args(line.split()[2:], lists, bools, multi)
+    cfg = config.load(serve.Config, overrides=overrides)  # the CLI's own loader takes it
+    assert (cfg.guidance_scale, cfg.guidance_reference) == (2.0, "middle")
+    assert pipeline.serve_command("m", "a", pipeline.CheckArgs()) == "steerlm serve --model=m --apm=a"
 
 
 def test_bootstrap_labels_come_from_the_apm(tiny_run):

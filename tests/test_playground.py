@@ -33,7 +33,8 @@ def live(tmp_path_factory):
     root = tmp_path_factory.mktemp("playground")
     generator = Generator.load(str(steerable_tiny(root / "sft" / "best")))
     apm = load_apm(tiny_apm(root / "apm"))
-    cfg = Config(model=str(root / "sft" / "best"), api_key=KEY, default_max_tokens=24)
+    cfg = Config(model=str(root / "sft" / "best"), api_key=KEY, default_max_tokens=24, guidance_scale=2,
+                 guidance_reference="middle")  # fmt: skip
     with running(cfg, generator, apm) as server:
         yield server
 
@@ -67,6 +68,16 @@ def wait_for(driver, css, timeout=30):
     return WebDriverWait(driver, timeout).until(ec.presence_of_element_located((By.CSS_SELECTOR, css)))
 
 
+def record_requests(driver) -> None:
+    """From now on the page keeps the JSON bodies it sends in `window.sent` (emptied here; fetch is wrapped once)."""
+    driver.execute_script(
+        "if (!window.sent) { const f = window.fetch;"
+        " window.fetch = (url, opts) => { if (opts && opts.body) window.sent.push(JSON.parse(opts.body));"
+        " return f(url, opts); }; }"
+        "window.sent = [];"
+    )
+
+
 def test_chat_with_a_moved_slider_streams_an_answer(live, browser):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
@@ -81,11 +92,16 @@ def test_chat_with_a_moved_slider_streams_an_answer(live, browser):
     assert [s.get_attribute("data-attr") for s in sliders] == ["quality", "toxicity", "humor", "creativity"]
     assert browser.find_element(By.ID, "attr-quality-value").text == "9"
 
+    # The guidance controls start at the server's defaults.
+    assert browser.find_element(By.ID, "guidance-value").text == "2"
+    assert browser.find_element(By.ID, "guidance-reference").get_attribute("value") == "middle"
+    record_requests(browser)
+
     humor = browser.find_element(By.ID, "attr-humor")
     humor.send_keys(Keys.ARROW_RIGHT * 3)  # 0 -> 3
     assert browser.find_element(By.ID, "attr-humor-value").text == "3"
-    browser.find_element(By.ID, "guidance").send_keys(Keys.ARROW_RIGHT * 4)  # 1 -> 2
-    assert browser.find_element(By.ID, "guidance-value").text == "2"
+    browser.find_element(By.ID, "guidance").send_keys(Keys.ARROW_RIGHT * 4)  # 2 -> 3
+    assert browser.find_element(By.ID, "guidance-value").text == "3"
 
     box = browser.find_element(By.ID, "chat-input")
     box.send_keys("Tell me a joke about cats.")
@@ -95,7 +111,11 @@ def test_chat_with_a_moved_slider_streams_an_answer(live, browser):
     # The caption shows the levels the server steered to (echoed in the stream), so the slider reached it.
     assert "humor:3" in answer.find_element(By.CSS_SELECTOR, ".msg-attrs").text
     assert browser.find_element(By.CSS_SELECTOR, ".msg.user").text == "Tell me a joke about cats."
-    # Guidance was requested: the one answer decoded its neutral prompt beside it (two cache rows).
+    # The request names only the moved slider, so guidance against the middle moves humor alone (humor:3 against
+    # humor:4), and the one answer decoded that neutral prompt beside it (two cache rows).
+    (body,) = browser.execute_script("return window.sent")
+    assert body["attributes"] == {"humor": 3}
+    assert (body["guidance_scale"], body["guidance_reference"]) == (3, "middle")
     assert live.service.engine.stats.max_batch == 2
     shot = os.environ.get("STEERLM_PLAYGROUND_SCREENSHOT")
     if shot:
@@ -110,6 +130,8 @@ def test_compare_tab_shows_answers_side_by_side_with_scores(live, browser):
         browser.find_element(By.ID, "api-key").send_keys(KEY)
         browser.find_element(By.ID, "key-save").click()
     wait_for(browser, "body[data-ready=true]")
+    browser.find_element(By.ID, "reset-attributes").click()  # forgets the moved sliders too
+    record_requests(browser)
     browser.find_element(By.ID, "tab-compare").click()
     browser.find_element(By.ID, "compare-prompt").send_keys("Describe the moon.")
     assert browser.find_element(By.ID, "compare-attr").get_attribute("value") == "humor"
@@ -120,6 +142,8 @@ def test_compare_tab_shows_answers_side_by_side_with_scores(live, browser):
     wait_for(browser, ".compare-col[data-level='9'][data-scored=true]")
     cols = browser.find_elements(By.CSS_SELECTOR, ".compare-col")
     assert [c.get_attribute("data-level") for c in cols] == ["0", "5", "9"]
+    asked = [b["attributes"] for b in browser.execute_script("return window.sent") if "attributes" in b]
+    assert sorted(a["humor"] for a in asked) == [0, 5, 9] and all(list(a) == ["humor"] for a in asked)
     for col in cols:
         assert col.get_attribute("data-state") == "done"
         assert col.find_element(By.CSS_SELECTOR, ".compare-text").text.strip()

@@ -501,6 +501,37 @@ def test_server_defaults_are_validated(model_dir, generator):
 
     with pytest.raises(UserError, match="unknown attribute 'funny'"):
         create_app(Config(model=str(model_dir), attr=["funny=3"]), generator=generator)
+    with pytest.raises(UserError, match="guidance_reference: .*unknown attribute 'funny'"):
+        create_app(Config(model=str(model_dir), guidance_scale=2, guidance_reference="funny:3"), generator=generator)
+    with pytest.raises(ValueError, match="guidance_scale must be in"):
+        Config(model=str(model_dir), guidance_scale=-1)
+    plain = Generator.load("tiny-lm")
+    with pytest.raises(UserError, match="takes no attribute guidance"):
+        create_app(Config(model="tiny-lm", guidance_scale=2), generator=plain)
+
+
+def test_server_guidance_defaults_apply_to_steered_requests_only(model_dir, generator):
+    """`--guidance_scale 5 --guidance_reference middle`: a chat request that sets no guidance is guided as if it
+    asked for it, one that sets its own keeps it, and a raw completion prompt (no attribute line) is not guided."""
+    cfg = Config(model=str(model_dir), guidance_scale=5, guidance_reference="middle")
+    with running(cfg, generator) as live:
+        client = openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        assert client.models.list().data[0].model_dump()["default_guidance"] == {"scale": 5.0, "reference": "middle"}
+
+        def answer(**extra):
+            resp = client.chat.completions.create(model="sft/best", messages=msgs("Hi"), max_tokens=12, temperature=0,
+                                                  extra_body={"attributes": {"humor": 0}, **extra})  # fmt: skip
+            return resp.choices[0].message.content
+
+        guided = SamplingArgs(max_new_tokens=12, greedy=True, guidance_scale=5.0, guidance_reference="humor:4")
+        assert answer() == generator.generate(["Hi"], {"humor": 0}, guided)[0]
+        plain = generator.generate(["Hi"], {"humor": 0}, SamplingArgs(max_new_tokens=12, greedy=True))[0]
+        assert plain != answer()
+        assert answer(guidance_scale=1) == plain
+        raw = client.completions.create(model="sft/best", prompt="Hello", max_tokens=8, temperature=0)
+        assert (
+            raw.choices[0].text == generator.complete(["Hello"], SamplingArgs(max_new_tokens=8, greedy=True))[0].text
+        )
 
 
 def test_concurrent_requests_share_batches_and_keep_answers(server, client):

@@ -189,9 +189,21 @@ def main(cfg: Config) -> dict:
         print("\nthe same prompt at the lowest and highest verbosity:\n" + samples)
     print(f"\n(plot: {check_dir / 'steerability.png'})")
     demo(model, cfg.check)
+    print("\nserve it with the check's guidance (the playground at http://127.0.0.1:8000/):\n  "
+          + serve_command(model, apm_model, cfg.check))  # fmt: skip
     summary = {"model": model, "apm": apm_model, "stages": [r.__dict__ for r in results]}
     write_json(out / "summary.json", summary)
     return summary
+
+
+def serve_command(model: str, apm: str, check: CheckArgs) -> str:
+    """The `steerlm serve` line for the pipeline's model with the check's guidance as the server default."""
+    line = f"steerlm serve --model={model} --apm={apm}"
+    if check.guidance_scale != 1.0:
+        line += f" --guidance_scale={check.guidance_scale:g}"
+        if check.guidance_reference:
+            line += f" --guidance_reference={check.guidance_reference}"
+    return line
 
 
 @dataclass

@@ -90,6 +90,13 @@ class Config:
     attr: list[str] = field(default_factory=list)
     """Server default attribute levels as name=level, repeatable (--attr quality=9 --attr humor=2); requests
     override them, and attributes set nowhere take the schema defaults."""
+    guidance_scale: float = 1.0
+    """Default attribute guidance scale of steered requests (chat, and completions with `attributes`) that set no
+    `guidance_scale` (1: plain SteerLM; the quickstart's check uses 2; docs/steering.md). Reported by /v1/models as
+    `default_guidance`; the playground's guidance slider starts there."""
+    guidance_reference: str = ""
+    """Default neutral condition of guidance for requests that set no `guidance_reference`: '', an attribute string
+    or 'middle' (`SamplingArgs.guidance_reference`; the quickstart's check uses 'middle')."""
     system: str | None = None
     """Default system prompt when a chat request has none (default: NeMo's SteerLM system prompt)."""
     template: str = "auto"
@@ -143,6 +150,8 @@ class Config:
             raise ValueError(f"unknown log_level {self.log_level!r}")
         for text in self.attr:
             parse_assignment(text)
+        if not 0 <= self.guidance_scale <= 100:
+            raise ValueError(f"guidance_scale must be in [0, 100], not {self.guidance_scale}")
 
 
 # ---------------------------------------------------------------- the app
@@ -306,7 +315,7 @@ def create_app(cfg: Config | str, *, generator=None, apm=None):
             for r, t in zip(records, texts, strict=True)
         ]
         max_tokens = svc.answer_budget(prompts, requested, "prompt")
-        base = svc.openai_sampling(req, max_tokens)
+        base = svc.openai_sampling(req, max_tokens, steered=templated)
         if svc.gen.guided(base) and not templated:
             raise ApiError(422, "guidance_scale: guidance needs `attributes` (a raw prompt has no attribute line)",
                            param="guidance_scale")  # fmt: skip

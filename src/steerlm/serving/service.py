@@ -40,6 +40,14 @@ class Service:
                 raise UserError(f"{cfg.model} is not attribute-conditioned; it takes no attributes", field="attr")
             levels = dict(parse_assignment(a) for a in cfg.attr)
             self.defaults = generator.schema.validate(levels)
+        if cfg.guidance_scale != 1.0 or cfg.guidance_reference:
+            if generator.schema is None:
+                raise UserError(f"{cfg.model} is not attribute-conditioned; it takes no attribute guidance",
+                                field="guidance_scale")  # fmt: skip
+            try:  # a bad reference fails at start-up, not on the first request
+                generator.reference_string(cfg.guidance_reference, self.defaults)
+            except UserError as e:
+                raise UserError(f"guidance_reference: {e}", field="guidance_reference") from None
         config = getattr(generator.model, "config", None)
         self.context = int(getattr(config, "max_position_embeddings", 0) or 0) or None
         self.engine = Engine(generator.model, self.tokenizer, max_batch_size=cfg.max_batch_size,
@@ -65,6 +73,8 @@ class Service:
             "attributes": self.schema_info(), "template": self.gen.template, "conditioning": self.gen.conditioning,
             "system": self.gen.system, "context_length": self.context, "apm": apm,
             "guidance": self.gen.schema is not None,
+            "default_guidance": {"scale": self.cfg.guidance_scale, "reference": self.cfg.guidance_reference}
+            if self.gen.schema is not None else None,
             "limits": {"max_tokens": self.cfg.max_tokens, "default_max_tokens": self.cfg.default_max_tokens,
                        "max_n": self.cfg.max_n, "max_prompt_tokens": self.cfg.max_prompt_tokens,
                        "max_prompts": self.cfg.max_prompts, "max_queue": self.cfg.max_queue},
@@ -174,7 +184,9 @@ class Service:
         except ValueError as e:
             raise ApiError(422, str(e)) from None
 
-    def openai_sampling(self, req: OpenAISampling, max_tokens: int):
+    def openai_sampling(self, req: OpenAISampling, max_tokens: int, steered: bool = True):
+        """The request's sampling settings; a steered request (`steered`: answered through the template at attribute
+        levels) that sets no guidance takes the server's `--guidance_scale` / `--guidance_reference`."""
         _check_unsupported(req)
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if len(stop) > 16 or any(not s or len(s) > 256 for s in stop):
@@ -194,8 +206,16 @@ class Service:
                 raise ApiError(422, f"guidance_reference: {e}", param="guidance_reference") from None
         return self.sampling(max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=top_k,
                              min_new_tokens=req.min_tokens, repetition_penalty=req.repetition_penalty, stop=stop,
-                             seed=req.seed, guidance_scale=req.guidance_scale,
-                             guidance_reference=req.guidance_reference)  # fmt: skip
+                             seed=req.seed, **self.guidance(req, steered))  # fmt: skip
+
+    def guidance(self, req: OpenAISampling, steered: bool) -> dict[str, Any]:
+        """guidance_scale and guidance_reference of a request: its own, else the server defaults when it is steered
+        (a raw prompt has no attribute line to guide)."""
+        scale, reference = req.guidance_scale, req.guidance_reference
+        if steered and self.gen.schema is not None:
+            scale = self.cfg.guidance_scale if scale is None else scale
+            reference = self.cfg.guidance_reference if reference is None else reference
+        return {"guidance_scale": scale, "guidance_reference": reference}
 
     def neutral_ids(self, record: Record, sampling, requested: dict[str, Any] | None = None) -> list[int] | None:
         """The neutral prompt of attribute guidance, when the request asks for guidance; `requested` (the request's

@@ -8,6 +8,7 @@ const state = {
   key: sessionStorage.getItem("steerlm-key") || "",
   model: null,        // the /v1/models entry
   history: [],        // chat messages sent so far: {role, content, attributes?}
+  moved: new Set(),   // sliders the user moved since connecting or resetting: the attributes a request names
   controller: null,   // AbortController of the answer being streamed
 };
 
@@ -75,10 +76,13 @@ function showError(message) {
 
 // ------------------------------------------------------------------ settings
 
-function attributeLevels() {
+// The levels of the sliders the user moved. Only these are sent: the server fills the rest with the defaults the
+// untouched sliders show, and guidance against 'middle' then amplifies what the user moved and nothing else
+// (docs/serve.md, "The playground").
+function movedLevels() {
   const levels = {};
   for (const input of document.querySelectorAll("#sliders input[type=range]")) {
-    levels[input.dataset.attr] = Number(input.value);
+    if (state.moved.has(input.dataset.attr)) levels[input.dataset.attr] = Number(input.value);
   }
   return levels;
 }
@@ -92,8 +96,10 @@ function sampling() {
   const topK = Number($("top-k").value);
   if (topK > 0) body.top_k = topK;
   if ($("seed").value !== "") body.seed = Number($("seed").value);
-  const guidance = Number($("guidance").value);
-  if (state.model && state.model.guidance && guidance !== 1) body.guidance_scale = guidance;
+  if (state.model && state.model.guidance) {
+    body.guidance_scale = Number($("guidance").value);
+    body.guidance_reference = $("guidance-reference").value;
+  }
   return body;
 }
 
@@ -130,7 +136,8 @@ function buildSliders(schema) {
     input.dataset.attr = name;
     input.setAttribute("aria-valuetext", name + " " + input.value);
     out.textContent = input.value;
-    input.addEventListener("input", () => {
+    input.addEventListener("input", (event) => {
+      if (event.isTrusted) state.moved.add(name);  // a reset dispatches untrusted events
       out.textContent = input.value;
       input.setAttribute("aria-valuetext", name + " " + input.value);
     });
@@ -153,6 +160,25 @@ function resetAttributes() {
     input.value = String(schema.defaults[input.dataset.attr]);
     input.dispatchEvent(new Event("input"));
   }
+  state.moved.clear();
+}
+
+// The guidance controls start at the server's defaults (`steerlm serve --guidance_scale --guidance_reference`).
+function setGuidance(defaults) {
+  const scale = defaults ? defaults.scale : 1;
+  $("guidance").value = String(scale);
+  $("guidance").dispatchEvent(new Event("input"));
+  const select = $("guidance-reference");
+  for (const option of select.querySelectorAll("option[data-server]")) option.remove();
+  const reference = defaults ? defaults.reference : "middle";
+  if (![...select.options].some((o) => o.value === reference)) {
+    const option = document.createElement("option");
+    option.value = reference;
+    option.textContent = reference;
+    option.dataset.server = "true";
+    select.append(option);
+  }
+  select.value = reference;
 }
 
 async function connect() {
@@ -167,7 +193,9 @@ async function connect() {
     $("max-tokens").value = String(model.limits.default_max_tokens);
     $("max-tokens").max = String(model.limits.max_tokens);
     buildSliders(model.attributes);
+    state.moved.clear();
     $("guidance-box").hidden = !model.guidance;
+    setGuidance(model.default_guidance);
     document.body.dataset.ready = "true";
   } catch (err) {
     if (err.status === 401) {
@@ -209,7 +237,7 @@ async function sendChat(event) {
   $("chat-input").value = "";
   addMessage("user", text);
   state.history.push({ role: "user", content: text });
-  const levels = state.model && state.model.attributes ? attributeLevels() : undefined;
+  const levels = state.model && state.model.attributes ? movedLevels() : undefined;
   const bubble = addMessage("assistant", "");
   bubble.dataset.state = "streaming";
   const out = bubble.querySelector(".msg-text");
@@ -316,7 +344,7 @@ async function runCompare() {
     return showError(err.message);
   }
   const attr = $("compare-attr").value;
-  const base = attributeLevels();
+  const base = movedLevels();
   const system = $("system").value.trim();
   const messages = (system ? [{ role: "system", content: system }] : []).concat([{ role: "user", content: prompt }]);
   const results = $("compare-results");

@@ -4,15 +4,18 @@ is not lower than plain SFT's").
 
     python benchmarks/fluency.py --data runs/quickstart/data --apm runs/quickstart/apm/best \\
         --model plain=runs/plain-sft/best --model steerlm=runs/quickstart/sft/best \\
-        --model steerlm-s2=runs/quickstart/sft/best --guided steerlm-s2=2:middle --out runs/fluency.json
+        --model steerlm-s2=runs/quickstart/sft/best --guided steerlm-s2=2:middle --attr quality=4 --attr verbosity=4 \\
+        --out runs/fluency.json
 
 Every model answers the same prompts (the validation split's, or `--prompts_file`) with the same sampling seed; an
-attribute-conditioned model is asked for `--attr` (default: its top quality level; the others at their defaults,
-so with the reference 'middle' guidance pushes quality alone). Per model: mean words, the APM's quality (float level;
-mean and 95% bootstrap interval), the reference LM's perplexity of the answer given the prompt (its own chat
-template, no attribute line; exp of the mean token NLL over all answers), the share of repeated 4-grams (low
-perplexity can also mean a loop), and how many answers are empty or write an attribute line. Empty answers are left
-out of the perplexity and repetition. Writes `--out` (JSON) with every answer and score.
+attribute-conditioned model is asked for the `--attr` levels (default: its top quality level; the others at their
+defaults, so with the reference 'middle' guidance pushes only what is asked). Per model: mean words; the APM's
+quality (float level; mean and 95% bootstrap interval); the reference LM's perplexity of the answer given the prompt
+(its own chat template, no attribute line; exp of the mean token NLL over all answers); the share of repeated
+4-grams (low perplexity can also mean a loop); how many answers are empty or write an attribute line (empty answers
+are left out of the perplexity and repetition). Over all answers, the APM quality's Spearman with log length, and
+each model's mean residual from one line of quality on log length: an APM that only measures length cannot tell
+fluency. Writes `--out` (JSON) with every answer and score.
 """
 
 from __future__ import annotations
@@ -27,9 +30,11 @@ import numpy as np
 import torch
 
 from steerlm.apm_model import load_apm
+from steerlm.attributes import parse_assignment
 from steerlm.data.preferences import read_prompts
 from steerlm.data.records import ASSISTANT, Record, Turn
 from steerlm.generator import Generator, SamplingArgs
+from steerlm.metrics import spearman
 from steerlm.steerability import draw_prompts, held_out_prompts, writes_attribute_line
 
 
@@ -68,7 +73,12 @@ def main() -> None:
     parser.add_argument("--reference_lm", default="smollm2-135m-instruct", help="the LM whose perplexity is reported")
     parser.add_argument("--data", default="", help="folder with a validation split: held-out prompts")
     parser.add_argument("--prompts_file", default="", help="or a prompts file `steerlm generate` reads (MT-Bench...)")
-    parser.add_argument("--attr", default="", help="levels asked of conditioned models, e.g. quality=4 (default: top)")
+    parser.add_argument(
+        "--attr",
+        action="append",
+        default=[],
+        help="name=level asked of conditioned models, repeatable (default: quality at its top level)",
+    )
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--max_new_tokens", type=int, default=320)
     parser.add_argument("--temperature", type=float, default=0.7)
@@ -81,8 +91,11 @@ def main() -> None:
     guided = {}
     for g in args.guided:
         name, spec = g.split("=", 1)
+        if name not in models:
+            parser.error(f"--guided {g}: no --model is named {name!r}")
         scale, _, reference = spec.partition(":")
         guided[name] = (float(scale), reference)
+    fixed = dict(parse_assignment(a) for a in args.attr)
     ref = Generator.load(args.reference_lm)
     if args.prompts_file:
         prompts = draw_prompts(
@@ -91,19 +104,19 @@ def main() -> None:
     else:
         prompts = held_out_prompts(Path(args.data), args.prompts, args.seed)
     apm = load_apm(args.apm)
-    report: dict = {"prompts": len(prompts), "apm": args.apm, "reference_lm": args.reference_lm, "models": {}}
+    report: dict = {"prompts": len(prompts), "apm": args.apm, "reference_lm": args.reference_lm, "models": {},
+                    "prompt_texts": [p.conversations[-1].value for p in prompts]}  # fmt: skip
     answers: dict[str, list[str]] = {}
     for name, path in models.items():
         gen = Generator.load(path)
+        if name in guided and gen.schema is None:
+            parser.error(f"--guided {name}: {path} takes no attributes, so there is nothing to guide")
         scale, reference = guided.get(name, (1.0, ""))
         sampling = SamplingArgs(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
                                 guidance_scale=scale, guidance_reference=reference)  # fmt: skip
         asked = None
         if gen.schema is not None:
-            asked = {"quality": gen.schema.max_level} if not args.attr else {}
-            for part in filter(None, args.attr.split(",")):
-                key, value = part.split("=")
-                asked[key] = int(value)
+            asked = gen.schema.validate(fixed or {"quality": gen.schema.max_level})
         start = time.time()
         answers[name] = gen.generate(prompts, asked, sampling, batch_size=args.batch_size)
         report["models"][name] = {"path": path, "guidance": [scale, reference], "asked": asked,
@@ -131,6 +144,21 @@ def main() -> None:
         report["models"][name].update(row)
         print(f"{name:<16} {words:>6.1f} {row['apm_quality']:>8.2f} ({low:.2f}..{high:.2f})  {ppl:>10.2f} "
               f"{rep:>12.3f} {row['empty']:>5} {row['attribute_line']:>9}")  # fmt: skip
+    # How much of the APM's quality is length: Spearman with log(1 + words) over every answer, and each model's mean
+    # residual from one least-squares line of quality on log length fitted over all of them.
+    pairs = [
+        (math.log1p(len(a["answer"].split())), a["quality"]) for m in report["models"].values() for a in m["answers"]
+    ]
+    x, y = np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
+    slope, intercept = np.polyfit(x, y, 1) if len(set(x.tolist())) > 1 else (0.0, float(y.mean()))
+    report["length"] = {"spearman": spearman(x.tolist(), y.tolist()), "slope": round(float(slope), 4)}
+    print(f"APM quality against log(1 + words) over all {len(pairs)} answers: Spearman {report['length']['spearman']}; "
+          "mean residual from one line fitted on all:")  # fmt: skip
+    for name, m in report["models"].items():
+        q = np.array([a["quality"] for a in m["answers"]])
+        w = np.array([math.log1p(len(a["answer"].split())) for a in m["answers"]])
+        m["length_residual"] = round(float((q - (intercept + slope * w)).mean()), 3)
+        print(f"  {name:<16} {m['length_residual']:+.3f}")
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1, ensure_ascii=False), encoding="utf-8")
 

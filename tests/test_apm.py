@@ -208,6 +208,11 @@ def test_plain_text_is_truncated_from_the_left_and_the_response_is_pooled():
     response = [t for t, m in zip(ids[0], masks[0], strict=True) if m]
     assert tokenizer.decode(response).strip() == "The answer is Paris."
     assert masks[0][-1] == 0  # [SEP]
+    # Folders from now on give the length input the whole response's token count, even where the input is cut.
+    long = [Turn("User", "Hi"), Turn("Assistant", "word " * 40)]
+    _, _, _, lengths = apm_model.regression_inputs([apm_model.Example("", long)], "encoder", tokenizer, 16,
+                                                   whole_length=True)  # fmt: skip
+    assert lengths == [len(tokenizer("word " * 40, add_special_tokens=False)["input_ids"])] and lengths[0] > 16
 
 
 def test_read_examples_one_per_labelled_turn(data_dir):
@@ -397,3 +402,48 @@ def test_length_input_starts_at_the_least_squares_length_fit():
     assert [slope[0].item(), intercept[0].item()] == pytest.approx(list(expected), rel=1e-4)
     # a constant label: no slope, the mean (only the rows that carry it count)
     assert slope[1].item() == 0.0 and intercept[1].item() == pytest.approx(5.0)
+
+
+def test_ridge_solve_recovers_a_linear_head_and_leaves_the_length_input_unshrunk():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 6, generator=gen) * torch.tensor([1.0, 3.0, 0.5, 2.0, 1.0, 1.0]) + 5.0
+    true_w, true_b = torch.tensor([[0.5, -0.2, 1.0, 0.0, 0.3, 0.7], [0.0] * 5 + [1.5]]), torch.tensor([2.0, -1.0])
+    y = x @ true_w.T + true_b
+    present = torch.ones(300, 2)
+    present[:50, 1] = 0.0
+    y[:50, 1] = 1e6  # an absent label must not count
+    weight, bias = apm.ridge_solve(x, y, present, alpha=1e-6)
+    assert torch.allclose(x @ weight.T + bias, x @ true_w.T + true_b, atol=1e-3)
+    # A heavy penalty shrinks every feature but the free (length) column: attribute 1 depends on it alone.
+    weight, bias = apm.ridge_solve(x, y, present, alpha=1e9, free=[5])
+    assert torch.allclose(weight[1], true_w[1], atol=1e-3) and abs(float(bias[1]) - true_b[1]) < 1e-2
+    assert float(weight[0, :5].abs().max()) < 1e-3
+
+
+def test_ridge_head_apm_keeps_the_backbone_and_predicts_what_was_fitted(data_dir, tmp_path, monkeypatch):
+    out = tmp_path / "apm"
+    monkeypatch.setattr(train, "fit", lambda *a, **k: pytest.fail("a ridge head needs no gradient training"))
+    summary = apm.main(_cfg(data_dir, out, model="tiny-encoder", head_fit="ridge", attributes=["quality", "humor"]))
+    assert summary["head_fit"] == "ridge" and summary["best"] > 0
+    loaded = apm_model.load_apm(out)
+    meta = loaded.meta
+    assert meta["head_fit"] == "ridge" and meta["pooling"] == "response" and meta["ridge_alpha"] == 1e4
+    assert meta["precision"] in ("fp32", "bf16") and set(meta["calibration"]["attributes"]) == {"quality", "humor"}
+    # The backbone is the tiny encoder unchanged; only the head was fitted.
+    base, _ = models.load_encoder("tiny-encoder", device=torch.device("cpu"))
+    trained = models.unwrap(loaded.model.backbone).state_dict()
+    assert all(torch.equal(v, trained[k]) for k, v in base.state_dict().items() if k in trained)
+    examples = apm_model.read_examples(data_dir / "val.jsonl", loaded.schema)
+    preds = loaded.predict(examples)
+    _assert_in_range(preds, len(examples), loaded.schema)
+    assert len({round(p["quality"], 4) for p in preds}) > 1  # the head reads the answers, not only a constant
+
+
+def test_ridge_head_settings_are_checked(data_dir, tmp_path):
+    with pytest.raises(UserError, match="generative APM has none"):
+        _cfg(data_dir, tmp_path, kind="generative", model="tiny-lm", head_fit="ridge")
+    with pytest.raises(UserError, match="lora.r=0"):
+        config_lib.build(apm.Config, {"data": str(data_dir), "head_fit": "ridge", "model": "tiny-lm",
+                                      "train": {"lora": {"r": 4}}})  # fmt: skip
+    with pytest.raises(UserError, match="ridge_alpha must be positive"):
+        _cfg(data_dir, tmp_path, head_fit="ridge", ridge_alpha=0)

@@ -95,9 +95,18 @@ def test_fluency_scores_every_model_on_the_same_prompts(tmp_path):
     assert list(report["models"]) == ["plain", "steer", "guided"] and report["prompts"] == 2
     assert report["models"]["plain"]["asked"] is None and report["models"]["steer"]["asked"] == {"quality": 9}
     assert report["models"]["guided"]["guidance"] == [3.0, "middle"]
+    assert len(report["prompt_texts"]) == 2 and report["length"]["slope"] is not None
     for row in report["models"].values():
         assert len(row["answers"]) == 2 and row["perplexity"] > 1 and row["apm_quality_ci"][0] <= row["apm_quality"]
-    assert "perplexity" in out
+        assert isinstance(row["length_residual"], float)
+    assert "perplexity" in out and "mean residual" in out
+    # A guided name that no model carries, or a model without attributes to guide, is refused.
+    for guided in ("--guided=nobody=2:middle", "--guided=plain=2:middle"):
+        env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+        done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fluency.py"), f"--data={data}",
+                               f"--apm={apm}", "--model=plain=tiny-lm", guided, "--reference_lm=tiny-lm"],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert done.returncode == 2 and "--guided" in done.stderr
 
 
 def _floats(value) -> list[float]:

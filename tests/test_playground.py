@@ -129,7 +129,10 @@ def test_compare_tab_shows_answers_side_by_side_with_scores(live, browser):
         browser.get(live.url + "/")
         browser.find_element(By.ID, "api-key").send_keys(KEY)
         browser.find_element(By.ID, "key-save").click()
+    from selenium.webdriver.common.keys import Keys
+
     wait_for(browser, "body[data-ready=true]")
+    browser.find_element(By.ID, "attr-creativity").send_keys(Keys.ARROW_RIGHT * 2)
     browser.find_element(By.ID, "reset-attributes").click()  # forgets the moved sliders too
     record_requests(browser)
     browser.find_element(By.ID, "tab-compare").click()
@@ -143,6 +146,7 @@ def test_compare_tab_shows_answers_side_by_side_with_scores(live, browser):
     cols = browser.find_elements(By.CSS_SELECTOR, ".compare-col")
     assert [c.get_attribute("data-level") for c in cols] == ["0", "5", "9"]
     asked = [b["attributes"] for b in browser.execute_script("return window.sent") if "attributes" in b]
+    # After the reset, only the compared attribute is named (not creativity, moved before it).
     assert sorted(a["humor"] for a in asked) == [0, 5, 9] and all(list(a) == ["humor"] for a in asked)
     for col in cols:
         assert col.get_attribute("data-state") == "done"

@@ -532,6 +532,13 @@ def test_server_guidance_defaults_apply_to_steered_requests_only(model_dir, gene
         assert (
             raw.choices[0].text == generator.complete(["Hello"], SamplingArgs(max_new_tokens=8, greedy=True))[0].text
         )
+        steered = client.completions.create(model="sft/best", prompt="Hi", max_tokens=12, temperature=0,
+                                            extra_body={"attributes": {"humor": 0}})  # fmt: skip
+        assert steered.choices[0].text == generator.generate(["Hi"], {"humor": 0}, guided)[0]
+        # Each field left unset takes its server default: a scale alone is still guided against the middle.
+        assert answer(guidance_scale=5) == answer()
+        unconditional = SamplingArgs(max_new_tokens=12, greedy=True, guidance_scale=5.0)
+        assert answer(guidance_reference="") == generator.generate(["Hi"], {"humor": 0}, unconditional)[0]
 
 
 def test_concurrent_requests_share_batches_and_keep_answers(server, client):

@@ -128,26 +128,31 @@ def pair_inputs(examples: Sequence[Example], tokenizer, max_length: int, respons
 
 
 def regression_inputs(examples: Sequence[Example], backbone: str, tokenizer, max_length: int,
-                      input_format: str = "plain", response_tokens: int = 200):  # fmt: skip
+                      input_format: str = "plain", response_tokens: int = 200, whole_length: bool = False):  # fmt: skip
     """(token ids, response masks, segment ids, response lengths) of the examples in `input_format`: 'pair' (see
     `pair_inputs`) or 'plain': each example's `heads.plain_text` and `heads.text_end` (a causal backbone's EOS),
     truncated from the left, with a 0/1 mask of the tokens of the scored response (found through
-    the fast tokenizer's character offsets; every token when the tokenizer is not a fast one), and None for
-    the segment ids and lengths."""
+    the fast tokenizer's character offsets; every token when the tokenizer is not a fast one), None for the segment
+    ids, and with `whole_length` the whole response's token count (else None: the length input then counts the
+    response tokens the cut input holds, at most `max_length`, as APM folders without `length_tokens` did)."""
     if input_format == "pair":
         return pair_inputs(examples, tokenizer, max_length, response_tokens)
+    lengths = None
+    if whole_length:
+        lengths = [len(x) for x in tokenizer([e.turns[-1].value for e in examples], add_special_tokens=False,
+                                             verbose=False)["input_ids"]]  # fmt: skip
     eos = heads.text_end(backbone, tokenizer)
     texts = [heads.plain_text(e.turns) + eos for e in examples]
     if not getattr(tokenizer, "is_fast", False):
         ids = heads.tokenize_left(tokenizer, texts, max_length)
-        return ids, [[1] * len(x) for x in ids], None, None
+        return ids, [[1] * len(x) for x in ids], None, lengths
     ids, offsets = heads.tokenize_left(tokenizer, texts, max_length, offsets=True)
     masks = []
     for e, text, spans in zip(examples, texts, offsets, strict=True):
         start = len(text) - len(eos) - len(e.turns[-1].value)
         # special tokens have empty (0, 0) spans and stay out; a token overlapping the response counts
         masks.append([1 if end > start and end > begin else 0 for begin, end in spans])
-    return ids, masks, None, None
+    return ids, masks, None, lengths
 
 
 def input_rows(ids, masks, types, lengths) -> list[dict]:
@@ -275,16 +280,34 @@ class APM:
 
     def _predict_regression(self, examples: list[Example], batch_size: int, progress: bool) -> list[dict]:
         rows = input_rows(*regression_inputs(examples, self.backbone, self.tokenizer, self.max_length,
-                                              self.input_format, self.response_tokens))  # fmt: skip
+                                              self.input_format, self.response_tokens,
+                                              self.meta.get("length_tokens") == "response"))  # fmt: skip
         out: list[dict] = [{}] * len(rows)
         top = self.schema.max_level
+        dtype = self.autocast_dtype()
         for chunk in self._batches([r["input_ids"] for r in rows], batch_size, progress):
             batch = collate_regression([rows[i] for i in chunk], self.tokenizer.pad_token_id)
             batch = {k: v.to(self.device) for k, v in batch.items()}
-            y = self.model(**batch).clamp(0, top).cpu().tolist()
+            with torch.autocast(self.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+                y = self.model(**batch).float().clamp(0, top).cpu().tolist()
             for i, row in zip(chunk, y, strict=True):
                 out[i] = {n: float(v) for n, v in zip(self.schema.names, row, strict=True)}
         return out
+
+    def autocast_dtype(self) -> torch.dtype | None:
+        """The autocast dtype of prediction: a ridge head (`head_fit: ridge`) was fitted on features computed in the
+        `precision` its steerlm_apm.json records, so it predicts in it too where this device computes it natively
+        (bf16: CUDA with bf16, or a CPU with AVX512-BF16/AMX; fp16: CUDA); None (fp32) otherwise and for every other
+        APM."""
+        from steerlm.train import cpu_has_fast_bf16  # here: steerlm.train pulls in accelerate
+
+        precision = self.meta.get("precision")
+        cuda = self.device.type == "cuda"
+        if precision == "bf16" and (torch.cuda.is_bf16_supported() if cuda else cpu_has_fast_bf16()):
+            return torch.bfloat16
+        if precision == "fp16" and cuda:
+            return torch.float16
+        return None
 
     def _predict_generative(self, examples: list[Example], batch_size: int, progress: bool) -> list[dict]:
         tok = self.tokenizer

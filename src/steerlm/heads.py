@@ -170,6 +170,13 @@ class HeadModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, response_length: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        features = self.features(input_ids, attention_mask, response_mask, token_type_ids, response_length)
+        return self.head(features) * self.scale
+
+    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor | None = None,
+                 token_type_ids: torch.Tensor | None = None, response_length: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """What the head reads: the pooled hidden state, plus the length input with `length_feature`; (B, hidden
+        [+1]), float32."""
         # `base_model` is the bare transformer (itself for AutoModel backbones), so no vocabulary logits are built.
         trunk = models.unwrap(self.backbone).base_model
         kwargs = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
@@ -189,7 +196,7 @@ class HeadModel(nn.Module):
             # ('pair' input keeps only the response's beginning), else the tokens in the input
             n = response_length if response_length is not None else (response_mask if response_mask is not None else attention_mask).sum(1)  # fmt: skip
             pooled = torch.cat([pooled, length_input(n.float()).unsqueeze(-1)], dim=-1)
-        return self.head(pooled) * self.scale
+        return pooled
 
 
 # ---------------------------------------------------------------- the two folder layouts

@@ -12,6 +12,7 @@ the pipeline fills in the paths that connect the stages. It ends with a summary 
 from __future__ import annotations
 
 import re
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -198,12 +199,12 @@ def main(cfg: Config) -> dict:
 
 def serve_command(model: str, apm: str, check: CheckArgs) -> str:
     """The `steerlm serve` line for the pipeline's model with the check's guidance as the server default."""
-    line = f"steerlm serve --model={model} --apm={apm}"
+    words = ["steerlm", "serve", f"--model={model}", f"--apm={apm}"]
     if check.guidance_scale != 1.0:
-        line += f" --guidance_scale={check.guidance_scale:g}"
+        words.append(f"--guidance_scale={check.guidance_scale:g}")
         if check.guidance_reference:
-            line += f" --guidance_reference={check.guidance_reference}"
-    return line
+            words.append(f"--guidance_reference={check.guidance_reference}")
+    return shlex.join(words)
 
 
 @dataclass

@@ -77,8 +77,8 @@ function showError(message) {
 // ------------------------------------------------------------------ settings
 
 // The levels of the sliders the user moved. Only these are sent: the server fills the rest with the defaults the
-// untouched sliders show, and guidance against 'middle' then amplifies what the user moved and nothing else
-// (docs/serve.md, "The playground").
+// untouched sliders show, and guidance against 'middle' then amplifies what the user moved (and the server's own
+// --attr settings), not every slider (docs/serve.md, "The playground").
 function movedLevels() {
   const levels = {};
   for (const input of document.querySelectorAll("#sliders input[type=range]")) {
@@ -164,13 +164,19 @@ function resetAttributes() {
 }
 
 // The guidance controls start at the server's defaults (`steerlm serve --guidance_scale --guidance_reference`).
+// The reference starts at 'middle' unless the server sets guidance of its own: against no attribute line, guidance
+// made the quickstart's model write its attribute line (docs/steering.md).
 function setGuidance(defaults) {
   const scale = defaults ? defaults.scale : 1;
-  $("guidance").value = String(scale);
-  $("guidance").dispatchEvent(new Event("input"));
+  const slider = $("guidance");
+  slider.max = String(Math.max(4, scale));
+  slider.step = scale % 0.25 === 0 ? "0.25" : "any";  // the server's own scale must not snap to the grid
+  slider.value = String(scale);
+  slider.dispatchEvent(new Event("input"));
   const select = $("guidance-reference");
   for (const option of select.querySelectorAll("option[data-server]")) option.remove();
-  const reference = defaults ? defaults.reference : "middle";
+  const own = defaults && (defaults.scale !== 1 || defaults.reference);
+  const reference = own ? defaults.reference : "middle";
   if (![...select.options].some((o) => o.value === reference)) {
     const option = document.createElement("option");
     option.value = reference;

@@ -33,6 +33,7 @@ from steerlm.apm_model import load_apm
 from steerlm.attributes import parse_assignment
 from steerlm.data.preferences import read_prompts
 from steerlm.data.records import ASSISTANT, Record, Turn
+from steerlm.errors import UserError
 from steerlm.generator import Generator, SamplingArgs
 from steerlm.metrics import spearman
 from steerlm.steerability import draw_prompts, held_out_prompts, writes_attribute_line
@@ -95,7 +96,10 @@ def main() -> None:
             parser.error(f"--guided {g}: no --model is named {name!r}")
         scale, _, reference = spec.partition(":")
         guided[name] = (float(scale), reference)
-    fixed = dict(parse_assignment(a) for a in args.attr)
+    try:
+        fixed = dict(parse_assignment(a) for a in args.attr)
+    except UserError as e:
+        parser.error(f"--attr: {e}")
     ref = Generator.load(args.reference_lm)
     if args.prompts_file:
         prompts = draw_prompts(

@@ -418,13 +418,17 @@ def test_ridge_solve_recovers_a_linear_head_and_leaves_the_length_input_unshrunk
     weight, bias = apm.ridge_solve(x, y, present, alpha=1e9, free=[5])
     assert torch.allclose(weight[1], true_w[1], atol=1e-3) and abs(float(bias[1]) - true_b[1]) < 1e-2
     assert float(weight[0, :5].abs().max()) < 1e-3
+    # An attribute labelled only on rows of one length: its free column is constant there, so it is penalised.
+    x[:, 5] = torch.where(present[:, 1] > 0, 7.0, x[:, 5])
+    weight, bias = apm.ridge_solve(x, y, present, alpha=1.0, free=[5])
+    assert torch.isfinite(weight).all() and torch.isfinite(bias).all()
 
 
 def test_ridge_head_apm_keeps_the_backbone_and_predicts_what_was_fitted(data_dir, tmp_path, monkeypatch):
     out = tmp_path / "apm"
     monkeypatch.setattr(train, "fit", lambda *a, **k: pytest.fail("a ridge head needs no gradient training"))
     summary = apm.main(_cfg(data_dir, out, model="tiny-encoder", head_fit="ridge", attributes=["quality", "humor"]))
-    assert summary["head_fit"] == "ridge" and summary["best"] > 0
+    assert summary["head_fit"] == "ridge"
     loaded = apm_model.load_apm(out)
     meta = loaded.meta
     assert meta["head_fit"] == "ridge" and meta["pooling"] == "response" and meta["ridge_alpha"] == 1e4
@@ -437,6 +441,9 @@ def test_ridge_head_apm_keeps_the_backbone_and_predicts_what_was_fitted(data_dir
     preds = loaded.predict(examples)
     _assert_in_range(preds, len(examples), loaded.schema)
     assert len({round(p["quality"], 4) for p in preds}) > 1  # the head reads the answers, not only a constant
+    # The loaded APM predicts what was fitted: its validation MSE is the fit's.
+    errors = [(p[n] - e.levels[n]) ** 2 for p, e in zip(preds, examples, strict=True) for n in e.levels]
+    assert sum(errors) / len(errors) == pytest.approx(summary["best"], rel=0.02)
 
 
 def test_ridge_head_settings_are_checked(data_dir, tmp_path):

@@ -102,7 +102,9 @@ def test_the_printed_serve_command_carries_the_checks_guidance():
     _, _, overrides, _ = cli.parse_args(line.split()[2:], lists, bools, multi)
     cfg = config.load(serve.Config, overrides=overrides)  # the CLI's own loader takes it
     assert (cfg.guidance_scale, cfg.guidance_reference) == (2.0, "middle")
-    assert pipeline.serve_command("m", "a", pipeline.CheckArgs()) == "steerlm serve --model=m --apm=a"
+    assert (
+        pipeline.serve_command("my runs/m", "a", pipeline.CheckArgs()) == "steerlm serve '--model=my runs/m' --apm=a"
+    )
 
 
 def test_bootstrap_labels_come_from_the_apm(tiny_run):

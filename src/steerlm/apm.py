@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from accelerate import PartialState
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -120,9 +121,9 @@ class Config:
     regression on standardised features, the length input unpenalised; `fit_ridge`). 'auto' pooling is then the
     mean over the response's tokens."""
     ridge_alpha: float = 1e4
-    """Ridge penalty (`head_fit: ridge`) on features standardised to unit variance; 1e4 ranked best on held-out OASST
-    trees with SmolLM2-135M's 576 features (docs/apm.md: neither the validation split nor leave-one-out, which
-    shares trees between folds, picked a penalty that held up on new trees)."""
+    """Ridge penalty (`head_fit: ridge`) on features standardised to unit variance. 1e4 and 3e4 ranked best on
+    held-out OASST trees with SmolLM2-135M's 576 features (docs/apm.md; choosing it on the validation split or by
+    leave-one-out, which puts answers of one tree on both sides, did worse on new trees)."""
     template: Literal["nemo", "chat"] = "nemo"
     """Prompt template style of the generative APM (SPEC §3)."""
     max_examples: int = 0
@@ -266,16 +267,16 @@ def ridge_solve(x: torch.Tensor, y: torch.Tensor, present: torch.Tensor, alpha: 
     x, y, present = x.double(), y.double(), present.double()
     mu, sd = x.mean(0), x.std(0).clamp(min=1e-6)
     z = (x - mu) / sd
-    penalty = torch.full((x.shape[1],), float(alpha), dtype=torch.float64)
-    for col in free:
-        if float(x[:, col].var()) > 0:  # an unpenalised constant column would make the system singular
-            penalty[col] = 0.0
     weight, bias = torch.zeros(y.shape[1], x.shape[1], dtype=torch.float64), torch.zeros(y.shape[1], dtype=torch.float64)  # fmt: skip
     for j in range(y.shape[1]):
         rows = present[:, j] > 0
         zj, yj = z[rows], y[rows, j]
         z_mean, y_mean = zj.mean(0), yj.mean()
         centred = zj - z_mean
+        penalty = torch.full((x.shape[1],), float(alpha), dtype=torch.float64)
+        for col in free:
+            if float(centred[:, col].abs().max()) > 0:  # unpenalised, a constant column would make it singular
+                penalty[col] = 0.0
         w = torch.linalg.solve(centred.T @ centred + torch.diag(penalty), centred.T @ (yj - y_mean))
         weight[j] = w / sd
         bias[j] = y_mean - ((mu / sd + z_mean) * w).sum()
@@ -432,7 +433,7 @@ def main(cfg: Config) -> dict:
         with torch.no_grad():
             model.head.bias.copy_(torch.tensor([means[n] for n in schema.names]))
         train_rows = _regression_rows(train_ex, schema, backbone, tokenizer, max_length, input_format, cfg.response_tokens)  # fmt: skip
-        if cfg.length_feature:
+        if cfg.length_feature and cfg.head_fit == "gradient":
             # ... or, with the length input, at the least-squares line of level on log length (the length
             # baseline): the backbone then learns what the length does not say
             weight, bias = length_fit(train_rows)
@@ -510,11 +511,15 @@ def main(cfg: Config) -> dict:
     # head_lr is the regression head's; a generative APM has no head (fit refuses a head_lr that applies to nothing)
     args = cfg.train if cfg.kind == "regression" else dataclasses.replace(cfg.train, head_lr=0.0)
     if cfg.head_fit == "ridge":
-        fitted = fit_ridge(model, train_rows, val_rows, collate, cfg)
-        # the head was fitted on features computed in this precision; the loaded APM predicts in it too
-        meta.update(precision=fitted["precision"], ridge_alpha=cfg.ridge_alpha)
-        save_best(model, {"val_loss": fitted["val_loss"]})
-        summary = {"steps": 0, "best": fitted["val_loss"], "best_step": 0, "head_fit": "ridge"}
+        print("train-apm: a ridge head trains no steps (train.epochs, lr, max_steps and resume do not apply)")
+        ridge = fit_ridge(model, train_rows, val_rows, collate, cfg)
+        # the features were computed in this precision: the loaded APM computes them in it too where the device
+        # has it natively (`APM.autocast_dtype`)
+        meta.update(precision=ridge["precision"], ridge_alpha=cfg.ridge_alpha)
+        if PartialState().is_main_process:  # as train.fit saves: one writer under torchrun
+            save_best(model, {"val_loss": ridge["val_loss"]})
+        PartialState().wait_for_everyone()
+        summary = {"steps": 0, "best": ridge["val_loss"], "best_step": 0, "head_fit": "ridge"}
     else:
         summary = train.fit(model, train_rows, collate, loss_fn, args, out, evaluate=evaluate, save_best=save_best,
                             resume=cfg.resume, desc="train-apm")  # fmt: skip
@@ -532,8 +537,11 @@ def main(cfg: Config) -> dict:
     print(format_table(report))
     shutil.rmtree(out / train.CHECKPOINT, ignore_errors=True)
     shutil.rmtree(out / f".{train.CHECKPOINT}.old", ignore_errors=True)
-    fitted = "ridge head fitted" if cfg.head_fit == "ridge" else f"{summary['steps']} steps"
-    print(f"train-apm: {fitted} in {time.time() - start:.0f} s; best val_loss {summary['best']:.4f} "
-          f"at step {summary['best_step']} -> {out / BEST}")  # fmt: skip
+    if cfg.head_fit == "ridge":
+        done = f"ridge head fitted in {time.time() - start:.0f} s; val_loss {summary['best']:.4f}"
+    else:
+        done = (f"{summary['steps']} steps in {time.time() - start:.0f} s; best val_loss {summary['best']:.4f} at step "
+                f"{summary['best_step']}")  # fmt: skip
+    print(f"train-apm: {done} -> {out / BEST}")
     sys.stdout.flush()
     return summary

@@ -12,6 +12,7 @@ calibration map (`QuantileMap`, `fit_calibration`) and agreement with human labe
 from __future__ import annotations
 
 import bisect
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -288,25 +289,36 @@ class APM:
         for chunk in self._batches([r["input_ids"] for r in rows], batch_size, progress):
             batch = collate_regression([rows[i] for i in chunk], self.tokenizer.pad_token_id)
             batch = {k: v.to(self.device) for k, v in batch.items()}
-            with torch.autocast(self.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-                y = self.model(**batch).float().clamp(0, top).cpu().tolist()
+            if dtype is None:
+                y = self.model(**batch)
+            else:  # the features in the fitted precision; the head in fp32, as it was fitted
+                with torch.autocast(self.device.type, dtype=dtype):
+                    features = self.model.features(**batch)
+                y = self.model.head(features.float()) * self.model.scale
+            y = y.float().clamp(0, top).cpu().tolist()
             for i, row in zip(chunk, y, strict=True):
                 out[i] = {n: float(v) for n, v in zip(self.schema.names, row, strict=True)}
         return out
 
     def autocast_dtype(self) -> torch.dtype | None:
-        """The autocast dtype of prediction: a ridge head (`head_fit: ridge`) was fitted on features computed in the
-        `precision` its steerlm_apm.json records, so it predicts in it too where this device computes it natively
-        (bf16: CUDA with bf16, or a CPU with AVX512-BF16/AMX; fp16: CUDA); None (fp32) otherwise and for every other
-        APM."""
+        """The autocast dtype of the features at prediction: a ridge head (`head_fit: ridge`) was fitted on features
+        computed in the `precision` its steerlm_apm.json records, so they are computed in it again where this device
+        has it natively (bf16: a CUDA device with bf16, or a CPU with AVX512-BF16/AMX; fp16: CUDA), else in fp32
+        with a warning. None (fp32) for folders that record no precision (every gradient-trained APM)."""
         from steerlm.train import cpu_has_fast_bf16  # here: steerlm.train pulls in accelerate
 
         precision = self.meta.get("precision")
+        if precision not in ("bf16", "fp16"):
+            return None
         cuda = self.device.type == "cuda"
-        if precision == "bf16" and (torch.cuda.is_bf16_supported() if cuda else cpu_has_fast_bf16()):
+        if precision == "bf16" and (
+            torch.cuda.is_bf16_supported(including_emulation=False) if cuda else cpu_has_fast_bf16()
+        ):
             return torch.bfloat16
         if precision == "fp16" and cuda:
             return torch.float16
+        warnings.warn(f"APM {self.path}: its head was fitted on {precision} features, which this device computes "
+                      "only by emulation; predicting in fp32 (levels may differ slightly)", stacklevel=2)  # fmt: skip
         return None
 
     def _predict_generative(self, examples: list[Example], batch_size: int, progress: bool) -> list[dict]:

@@ -31,12 +31,11 @@ import torch
 
 from steerlm.apm_model import load_apm
 from steerlm.attributes import parse_assignment
-from steerlm.data.preferences import read_prompts
 from steerlm.data.records import ASSISTANT, Record, Turn
 from steerlm.errors import UserError
 from steerlm.generator import Generator, SamplingArgs
 from steerlm.metrics import spearman
-from steerlm.steerability import draw_prompts, held_out_prompts, writes_attribute_line
+from steerlm.steerability import file_prompts, held_out_prompts, writes_attribute_line
 
 
 def answer_nll(ref: Generator, prompts: list[Record], answers: list[str]) -> list[tuple[float, int]]:
@@ -102,9 +101,7 @@ def main() -> None:
         parser.error(f"--attr: {e}")
     ref = Generator.load(args.reference_lm)
     if args.prompts_file:
-        prompts = draw_prompts(
-            [ref.as_record(c) for c, _, _ in read_prompts(args.prompts_file)], args.prompts, args.seed
-        )
+        prompts = file_prompts(ref, args.prompts_file, args.prompts, args.seed)
     else:
         prompts = held_out_prompts(Path(args.data), args.prompts, args.seed)
     apm = load_apm(args.apm)

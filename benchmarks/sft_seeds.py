@@ -23,12 +23,11 @@ import statistics
 from pathlib import Path
 
 from steerlm import config, sft
-from steerlm.data.preferences import read_prompts
 from steerlm.generator import Generator, SamplingArgs
 from steerlm.io import write_json
 from steerlm.steerability import (
     attribute_line_answers,
-    draw_prompts,
+    file_prompts,
     held_out_prompts,
     mean_words,
     measure_attribute,
@@ -50,8 +49,7 @@ def check(args, model: Path) -> dict:
     """Requested vs measured verbosity level on the held-out prompts (the pipeline's check at guidance scale 1)."""
     gen = Generator.load(str(model), dtype="fp32")  # as the pipeline check generates
     if args.prompts_file:
-        asked = [gen.as_record(conv) for conv, _, _ in read_prompts(args.prompts_file)]
-        prompts = draw_prompts(asked, args.prompts, args.check_seed)
+        prompts = file_prompts(gen, args.prompts_file, args.prompts, args.check_seed)
     else:
         data = Path(args.data or config.load(sft.Config, config=args.config).data)
         prompts = held_out_prompts(data, args.prompts, args.check_seed)

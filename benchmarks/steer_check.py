@@ -17,10 +17,9 @@ import time
 from pathlib import Path
 
 from steerlm.attributes import parse_assignment
-from steerlm.data.preferences import read_prompts
 from steerlm.generator import Generator, SamplingArgs
 from steerlm.steerability import (
-    draw_prompts,
+    file_prompts,
     format_table,
     held_out_prompts,
     mean_words,
@@ -58,8 +57,7 @@ def main() -> None:
 
         apm = load_apm(args.apm)
     if args.prompts_file:
-        asked = [gen.as_record(conv) for conv, _, _ in read_prompts(args.prompts_file)]
-        prompts = draw_prompts(asked, args.prompts, args.seed)
+        prompts = file_prompts(gen, args.prompts_file, args.prompts, args.seed)
     else:
         data = Path(args.data)
         prompts = held_out_prompts(data, args.prompts, args.seed)

@@ -21,7 +21,9 @@ from steerlm.steerability import (
     AttributeResult,
     ComputedScorer,
     attribute_line_answers,
+    draw_prompts,
     empty_answers,
+    file_prompts,
     held_out_prompts,
     measure_attribute,
     measure_verbosity,
@@ -381,3 +383,15 @@ def test_held_out_prompts_are_the_val_prompts_drawn_alike_from_a_folder_or_a_fil
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match=r"empty.*no val.jsonl or val.jsonl.gz"):
         held_out_prompts(tmp_path / "empty", 4, seed=7)
+
+
+def test_file_prompts_draws_the_first_turns_of_a_prompts_file(tmp_path):
+    questions = [{"question_id": i, "category": "writing", "turns": [f"Question {i}?", "And then?"]} for i in range(6)]
+    (tmp_path / "mt.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
+    gen = Generator.load("tiny-lm")
+    prompts = file_prompts(gen, tmp_path / "mt.jsonl", 4, seed=7)
+    # MT-Bench questions are answered at their first turn, drawn as the check draws held-out prompts
+    assert [p.conversations for p in prompts] == [
+        [Turn("User", f"Question {i}?")] for i in draw_prompts(list(range(6)), 4, seed=7)
+    ]
+    assert len(file_prompts(gen, tmp_path / "mt.jsonl", 100, seed=7)) == 6  # all when fewer than asked

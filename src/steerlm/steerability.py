@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from steerlm.data import templates
+from steerlm.data.preferences import read_prompts
 from steerlm.data.records import ASSISTANT, Record, Turn, read_records, training_prompts, val_records_file
 from steerlm.metrics import spearman
 
@@ -42,6 +43,13 @@ def draw_prompts(prompts: Sequence[Record], n: int, seed: int) -> list[Record]:
     """The check's prompts: `n` of `prompts` (all when fewer) drawn with `seed`. `steerlm pipeline`'s check and the
     benchmarks draw alike, so a benchmark on the same data and seed answers the same prompts."""
     return random.Random(seed).sample(list(prompts), min(n, len(prompts)))
+
+
+def file_prompts(generator, path: str | Path, n: int, seed: int) -> list[Record]:
+    """The check's prompts from a prompts file that `steerlm generate` reads (MT-Bench questions, JSON strings,
+    `{"prompt": ...}` objects, records: `read_prompts`) as `generator`'s records, `n` of them drawn with `seed`
+    (`draw_prompts`)."""
+    return draw_prompts([generator.as_record(conv) for conv, _, _ in read_prompts(path)], n, seed)
 
 
 def held_out_prompts(source: str | Path, n: int, seed: int) -> list[Record]:

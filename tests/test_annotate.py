@@ -175,6 +175,35 @@ def test_annotate_calibrates_labels_and_says_so(work, tmp_path):
     assert [x["quality"] for x in rnd] == [scorer.round(p)["quality"] for p in preds]
 
 
+def test_fill_keeps_human_levels_and_takes_the_apms_only_where_they_are_missing(work, tmp_path):
+    records = read_records(work / "all.jsonl")[:12]
+    human = next(t for r in records for t in r.assistant_turns if t.label)
+    partial = SCHEMA.parse(human.label, ignore_unknown=True)
+    human.label = SCHEMA.render({"quality": partial["quality"]})  # a turn that labels quality only
+    unlabelled = next(t for r in records for t in r.assistant_turns if t is not human)
+    unlabelled.label = None
+    write_records(tmp_path / "in.jsonl", records)
+    replaced, filled = tmp_path / "replace.jsonl", tmp_path / "fill.jsonl"
+    _run(work, input=str(tmp_path / "in.jsonl"), out=str(replaced))
+    _run(work, input=str(tmp_path / "in.jsonl"), out=str(filled), human_labels="fill")
+    assert json.loads((tmp_path / "fill.jsonl.meta.json").read_text())["human_labels"] == "fill"
+    scorer = apm_model.load_apm(work / "apm")
+    for b, r, f in zip(records, read_records(replaced), read_records(filled), strict=True):
+        for tb, tr, tf in zip(b.assistant_turns, r.assistant_turns, f.assistant_turns, strict=True):
+            apm_levels, got = scorer.schema.parse(tr.label), scorer.schema.parse(tf.label)
+            given = scorer.schema.parse(tb.label, ignore_unknown=True) if tb.label else {}
+            assert got == {**apm_levels, **given} and set(got) == set(apm_levels)  # human wins, APM fills the rest
+            assert tf.extra["gt_label"] == tb.label
+    # the partly labelled turn: its quality is the human's, the rest the APM's
+    f_turns = [t for r in read_records(filled) for t in r.assistant_turns]
+    i = [t for r in records for t in r.assistant_turns].index(human)
+    assert scorer.schema.parse(f_turns[i].label)["quality"] == partial["quality"]
+    # a resumed run must use the same rule: it is part of what --resume checks
+    cfgs = [config_lib.build(annotate.Config, {"apm": str(work / "apm"), "input": str(tmp_path / "in.jsonl"),
+                                               "out": str(filled), "human_labels": h}) for h in ("replace", "fill")]  # fmt: skip
+    assert annotate._fingerprint(cfgs[0]) != annotate._fingerprint(cfgs[1])
+
+
 def test_pipeline_adds_apm_labelled_hh_rlhf_to_the_sft_data(shared_data, tmp_path):
     """The paper's "+ HH-RLHF" row as a pipeline option, on the tiny models."""
     out = tmp_path / "run"

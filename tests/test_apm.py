@@ -215,6 +215,35 @@ def test_plain_text_is_truncated_from_the_left_and_the_response_is_pooled():
     assert lengths == [len(tokenizer("word " * 40, add_special_tokens=False)["input_ids"])] and lengths[0] > 16
 
 
+def test_opening_input_reads_the_beginning_of_a_long_response_after_its_context():
+    _, tokenizer = models.tiny_causal_lm(0)
+    words = " ".join(f"w{i}" for i in range(120))
+    turns = [Turn("User", "first question " * 30), Turn("Assistant", words)]
+    whole = len(tokenizer(words, add_special_tokens=False)["input_ids"])
+    ids, masks, _, lengths = apm_model.regression_inputs([apm_model.Example("", turns)], "causal", tokenizer, 64,
+                                                         "opening", response_tokens=20)  # fmt: skip
+    assert lengths == [whole] and whole > 64  # the length input still counts the whole response
+    response = tokenizer.decode([t for t, m in zip(ids[0], masks[0], strict=True) if m])
+    assert response.strip().startswith("w0 w1") and "w119" not in response and sum(masks[0]) <= 21
+    assert len(ids[0]) == 64 and "question" in tokenizer.decode(ids[0])  # the context fills the rest
+    assert tokenizer.decode(ids[0]).endswith(tokenizer.eos_token)
+    # 'plain' keeps the end of the same response instead
+    ids, masks, _, _ = apm_model.regression_inputs([apm_model.Example("", turns)], "causal", tokenizer, 64)
+    assert "w119" in tokenizer.decode(ids[0]) and "w0 " not in tokenizer.decode(ids[0])
+
+
+def test_hidden_layers_average_the_chosen_hidden_states_before_pooling():
+    base, _ = models.tiny_causal_lm(0)
+    ids, mask = torch.tensor([[5, 6, 7, 8]]), torch.ones(1, 4, dtype=torch.long)
+    states = (
+        models.unwrap(base).base_model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    )
+    last = heads.HeadModel(base, 2, "mean").features(ids, mask)
+    assert torch.allclose(heads.HeadModel(base, 2, "mean", layers=[-1]).features(ids, mask), last)
+    mixed = heads.HeadModel(base, 2, "mean", layers=[0, -1]).features(ids, mask)
+    assert torch.allclose(mixed, ((states[0] + states[-1]) / 2).mean(1), atol=1e-6)
+
+
 def test_read_examples_one_per_labelled_turn(data_dir):
     examples = apm_model.read_examples(data_dir / "train.jsonl", SCHEMA)
     records = read_records(data_dir / "train.jsonl")
@@ -424,17 +453,23 @@ def test_ridge_solve_recovers_a_linear_head_and_leaves_the_length_input_unshrunk
     assert torch.isfinite(weight).all() and torch.isfinite(bias).all()
 
 
-def test_ridge_head_apm_keeps_the_backbone_and_predicts_what_was_fitted(data_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize(("model", "input_format", "layers"), [("tiny-encoder", "auto", []),
+                                                             ("tiny-lm", "opening", [1, -1])])  # fmt: skip
+def test_ridge_head_apm_keeps_the_backbone_and_predicts_what_was_fitted(data_dir, tmp_path, monkeypatch, model,
+                                                                         input_format, layers):  # fmt: skip
     out = tmp_path / "apm"
     monkeypatch.setattr(train, "fit", lambda *a, **k: pytest.fail("a ridge head needs no gradient training"))
-    summary = apm.main(_cfg(data_dir, out, model="tiny-encoder", head_fit="ridge", attributes=["quality", "humor"]))
+    summary = apm.main(_cfg(data_dir, out, model=model, head_fit="ridge", attributes=["quality", "humor"],
+                            input=input_format, response_tokens=48, hidden_layers=layers))  # fmt: skip
     assert summary["head_fit"] == "ridge"
     loaded = apm_model.load_apm(out)
     meta = loaded.meta
     assert meta["head_fit"] == "ridge" and meta["pooling"] == "response" and meta["ridge_alpha"] == 1e4
+    assert meta["input"] == {"auto": "pair"}.get(input_format, input_format)
+    assert meta["hidden_layers"] == layers and loaded.model.layers == tuple(layers)
     assert meta["precision"] in ("fp32", "bf16") and set(meta["calibration"]["attributes"]) == {"quality", "humor"}
     # The backbone is the tiny encoder unchanged; only the head was fitted.
-    base, _ = models.load_encoder("tiny-encoder", device=torch.device("cpu"))
+    base, _ = models.load_encoder(model, device=torch.device("cpu"))
     trained = models.unwrap(loaded.model.backbone).state_dict()
     assert all(torch.equal(v, trained[k]) for k, v in base.state_dict().items() if k in trained)
     examples = apm_model.read_examples(data_dir / "val.jsonl", loaded.schema)
@@ -454,3 +489,8 @@ def test_ridge_head_settings_are_checked(data_dir, tmp_path):
                                       "train": {"lora": {"r": 4}}})  # fmt: skip
     with pytest.raises(UserError, match="ridge_alpha must be positive"):
         _cfg(data_dir, tmp_path, head_fit="ridge", ridge_alpha=0)
+    with pytest.raises(UserError, match="outside the backbone"):
+        apm.main(_cfg(data_dir, tmp_path / "l", model="tiny-lm", head_fit="ridge", hidden_layers=[99]))
+    with pytest.raises(UserError, match="more than train.max_length"):
+        apm.main(_cfg(data_dir, tmp_path / "o", model="tiny-lm", head_fit="ridge", input="opening",
+                      response_tokens=250))  # fmt: skip

@@ -9,7 +9,8 @@ chosen and its rejected conversation, in that order). Each assistant turn's `lab
 of the APM's predictions, quantile-mapped onto the training label distribution (`apm_model.QuantileMap`; `--calibrate
 false` rounds them instead, which collapses most labels onto the training mean); the label it replaces (the human one, or null) is kept beside it as
 `gt_label`, unless the turn already has a `gt_label` (re-annotating an annotated file keeps the human one). Output order is
-input order. Conversations are scored in length-sorted batches, and a conversation prefix shared by several
+input order. `--human_labels=fill` keeps the levels a human label gives and takes the APM's only for the rest (the
+human-labels ablation). Conversations are scored in length-sorted batches, and a conversation prefix shared by several
 records (OASST paths of one tree, HH chosen/rejected pairs) is scored once per chunk. `OUT.meta.json` says how the
 labels were made (APM, calibration) and counts the labels per attribute and level.
 
@@ -55,6 +56,10 @@ class Config:
     calibrate: bool = True
     """Quantile-map predictions onto the training label distribution (the APM's stored map) instead of rounding
     them; an APM without a map (older folders, generative APMs) is rounded, and the meta file says so."""
+    human_labels: Literal["replace", "fill"] = "replace"
+    """'replace': every assistant turn gets the APM's levels (the paper's step 2: the APM's labels replace the
+    noisier human ones); 'fill': a turn keeps every level its human label gives and takes the APM's only for the
+    attributes it lacks (a turn without a label gets the APM's), for the human-labels ablation (docs/apm.md)."""
     keep_gt: bool = True
     """Keep the replaced (human) label as `gt_label` beside the new one (null when there was none)."""
     skip_invalid: bool = False
@@ -110,11 +115,17 @@ def read_input(path: str | Path, fmt: str, skip_invalid: bool = False) -> tuple[
 
 
 def annotate_records(
-    apm: APM, records: list[Record], batch_size: int, keep_gt: bool = True, calibrate: bool = False
+    apm: APM,
+    records: list[Record],
+    batch_size: int,
+    keep_gt: bool = True,
+    calibrate: bool = False,
+    human_labels: str = "replace",
 ) -> tuple[list[Record], int]:
     """Label every assistant turn of `records` (in place) with `apm` (rounded, or quantile-mapped with
-    `calibrate`); returns (records, turns without a prediction: a generative APM's unparseable outputs, which get
-    `label: null` rather than a guess)."""
+    `calibrate`; with `human_labels='fill'` only the attributes the turn's human label lacks, `Config.human_labels`);
+    returns (records, turns without a prediction: a generative APM's unparseable outputs, which get `label: null`
+    rather than a guess). A human level outside the APM's levels is a UserError."""
     where, items = [], []
     for r_i, record in enumerate(records):
         for t_i, example in assistant_prefixes(record):
@@ -126,9 +137,14 @@ def annotate_records(
         turn = records[r_i].conversations[t_i]
         # gt_label is written even when null ("no human label"), so that annotating an annotated file never takes
         # an earlier APM label for a human one.
+        human = turn.extra["gt_label"] if "gt_label" in turn.extra else turn.label
         if keep_gt and "gt_label" not in turn.extra:
             turn.extra["gt_label"] = turn.label
-        turn.label = apm.label(pred, calibrated=calibrate)
+        if human_labels == "fill" and human:
+            levels = apm.calibrate(pred) if calibrate else apm.round(pred)
+            turn.label = apm.schema.render({**levels, **apm.schema.parse(human, ignore_unknown=True)})
+        else:
+            turn.label = apm.label(pred, calibrated=calibrate)
         missing += turn.label is None
     return records, missing
 
@@ -152,10 +168,10 @@ def _paths(out: Path) -> tuple[Path, Path]:
 
 
 def _fingerprint(cfg: Config) -> dict:
-    """What a resumed run must share with the interrupted one: the same input file and APM."""
+    """What a resumed run must share with the interrupted one: the same input file, APM and human-label rule."""
     st = Path(cfg.input).stat()
     return {"input": str(Path(cfg.input).resolve()), "input_size": st.st_size, "input_mtime_ns": st.st_mtime_ns,
-            "apm": str(Path(cfg.apm).resolve())}  # fmt: skip
+            "apm": str(Path(cfg.apm).resolve()), "human_labels": cfg.human_labels}  # fmt: skip
 
 
 def _start(cfg: Config, out: Path) -> tuple[int, int]:
@@ -215,7 +231,8 @@ def main(cfg: Config) -> dict:
         f.seek(keep_bytes)
         while done < len(records):
             chunk = records[done : done + cfg.chunk_size]
-            labelled, n_missing = annotate_records(apm, chunk, cfg.batch_size, cfg.keep_gt, calibrated)
+            labelled, n_missing = annotate_records(apm, chunk, cfg.batch_size, cfg.keep_gt, calibrated,
+                                                   cfg.human_labels)  # fmt: skip
             turns += sum(len(r.assistant_turns) for r in labelled)
             missing += n_missing
             f.write("".join(json.dumps(r.to_json(), ensure_ascii=False) + "\n" for r in labelled).encode("utf-8"))
@@ -230,6 +247,7 @@ def main(cfg: Config) -> dict:
     write_json(out.with_name(out.name + META), {
         "apm": str(apm.path), "levels": apm.schema.levels, "labels": "quantile-mapped" if calibrated else "rounded",
         "calibration": (apm.meta.get("calibration") or {}).get("method") if calibrated else None,
+        "human_labels": cfg.human_labels,
         "label_counts": label_counts(out, apm.schema)})  # fmt: skip
     seconds, loop_seconds = time.time() - start, time.time() - loop_start
     new = len(records) - resumed_from

@@ -104,17 +104,24 @@ class Config:
     `BertForSequenceClassification` computes), 'mean' over all tokens, 'response' = mean over the scored
     response's tokens, or the 'last' token; 'auto' = cls for encoders with a pooler (else mean), last for causal
     LMs (docs/apm.md)."""
-    input: Literal["auto", "pair", "plain"] = "auto"
+    input: Literal["auto", "pair", "plain", "opening"] = "auto"
     """Regression input: 'pair' = `[CLS] context [SEP] response [SEP]` with segment ids (encoders with [CLS]/[SEP]:
     the response's first `response_tokens` kept, the context cut from the left), 'plain' = `heads.plain_text` cut from
-    the left; 'auto' = pair where the tokenizer has [CLS]/[SEP], else plain."""
+    the left (a long response keeps its end), 'opening' = plain text with the response cut to its first
+    `response_tokens` (any backbone with a fast tokenizer); 'auto' = pair where the tokenizer has [CLS]/[SEP], else
+    plain."""
     response_tokens: int = 200
-    """'pair' input: tokens of the scored response kept (its beginning); the context gets what remains."""
+    """'pair' and 'opening' inputs: tokens of the scored response kept (its beginning); the context gets what
+    remains."""
     length_feature: bool = True
     """Regression (a generative APM reads the text and ignores it): also feed the head the scored response's log token count, its weight started at the least-squares
     fit of the training levels on it (the APM starts as the length baseline and learns what length does not say).
     Length is the strongest single cue of OASST quality (docs/apm.md). Without it, an encoder read through 'cls'
     is saved as a standard transformers sequence-classification folder."""
+    hidden_layers: list[int] = field(default_factory=list)
+    """Regression: hidden states averaged before pooling, as indices into the backbone's `hidden_states` (0 = the
+    embeddings, -1 = the last layer's output, so `15,-1` on SmolLM2-135M's 30 layers = a middle and the last);
+    empty = the last hidden state. Measured with the ridge head in docs/apm.md."""
     head_fit: Literal["gradient", "ridge"] = "gradient"
     """Regression: 'gradient' trains the backbone and the head together (`train.*`); 'ridge' keeps the backbone
     frozen, reads every example once (in `train.precision`) and fits the head per attribute in closed form (ridge
@@ -419,6 +426,11 @@ def main(cfg: Config) -> dict:
         input_format = cfg.input if cfg.input != "auto" else ("pair" if has_pair_tokens(tokenizer) else "plain")
         if input_format == "pair" and (backbone != "encoder" or not has_pair_tokens(tokenizer)):
             raise UserError("the 'pair' input needs an encoder whose tokenizer has [CLS] and [SEP]", field="input")
+        if input_format == "opening" and not getattr(tokenizer, "is_fast", False):
+            raise UserError("the 'opening' input cuts the response by a fast tokenizer's offsets", field="input")
+        if input_format == "opening" and cfg.response_tokens + 8 > max_length:
+            raise UserError(f"the 'opening' input keeps {cfg.response_tokens} response tokens, more than "
+                            f"train.max_length {max_length} leaves room for", field="response_tokens")  # fmt: skip
         # a frozen backbone's pooler and last token were never trained to summarise; its response tokens' mean is
         # what the ridge head reads best (docs/apm.md)
         requested = "response" if cfg.head_fit == "ridge" and cfg.pooling == "auto" else cfg.pooling
@@ -426,7 +438,7 @@ def main(cfg: Config) -> dict:
         heads.freeze_unused(base, pooler_used=pooling == "cls")
         base = models.apply_lora(base, cfg.train.lora)
         torch.manual_seed(cfg.train.seed)
-        model = heads.HeadModel(base, len(schema.names), pooling, cfg.length_feature)
+        model = heads.HeadModel(base, len(schema.names), pooling, cfg.length_feature, layers=cfg.hidden_layers)
         # Start exactly at the predict-the-mean baseline: zero weights, bias at the training means in levels
         # (random weights would start from noisy predictions that the backbone first has to learn away).
         nn.init.zeros_(model.head.weight)
@@ -478,6 +490,7 @@ def main(cfg: Config) -> dict:
         "input": input_format if cfg.kind == "regression" else None, "response_tokens": cfg.response_tokens,
         "scale": "levels" if cfg.kind == "regression" else None, "head_fit": cfg.head_fit if cfg.kind == "regression" else None,
         "length_tokens": "response" if cfg.kind == "regression" else None,
+        "hidden_layers": list(cfg.hidden_layers) if cfg.kind == "regression" else None,
         "train_examples": len(train_rows), "val_examples": len(val_rows),
     }  # fmt: skip
 

@@ -131,17 +131,28 @@ def pair_inputs(examples: Sequence[Example], tokenizer, max_length: int, respons
 def regression_inputs(examples: Sequence[Example], backbone: str, tokenizer, max_length: int,
                       input_format: str = "plain", response_tokens: int = 200, whole_length: bool = False):  # fmt: skip
     """(token ids, response masks, segment ids, response lengths) of the examples in `input_format`: 'pair' (see
-    `pair_inputs`) or 'plain': each example's `heads.plain_text` and `heads.text_end` (a causal backbone's EOS),
+    `pair_inputs`), 'plain': each example's `heads.plain_text` and `heads.text_end` (a causal backbone's EOS),
     truncated from the left, with a 0/1 mask of the tokens of the scored response (found through
     the fast tokenizer's character offsets; every token when the tokenizer is not a fast one), None for the segment
     ids, and with `whole_length` the whole response's token count (else None: the length input then counts the
-    response tokens the cut input holds, at most `max_length`, as APM folders without `length_tokens` did)."""
+    response tokens the cut input holds, at most `max_length`, as APM folders without `length_tokens` did); or
+    'opening': 'plain' with the response cut to its first `response_tokens` tokens (a fast tokenizer's), so the
+    opening of a long answer is read rather than its end, and the whole response's token count."""
     if input_format == "pair":
         return pair_inputs(examples, tokenizer, max_length, response_tokens)
     lengths = None
-    if whole_length:
-        lengths = [len(x) for x in tokenizer([e.turns[-1].value for e in examples], add_special_tokens=False,
-                                             verbose=False)["input_ids"]]  # fmt: skip
+    if whole_length or input_format == "opening":
+        enc = tokenizer([e.turns[-1].value for e in examples], add_special_tokens=False, verbose=False,
+                        return_offsets_mapping=input_format == "opening")  # fmt: skip
+        lengths = [len(x) for x in enc["input_ids"]]
+    if input_format == "opening":
+        # the response cut after its first `response_tokens` tokens (at that token's last character), as the pair
+        # input keeps it; the context then fills the rest from the left
+        examples = [
+            Example(e.system, [*e.turns[:-1], Turn(e.turns[-1].role, e.turns[-1].value[: spans[response_tokens - 1][1]])], e.levels)
+            if len(spans) > response_tokens else e
+            for e, spans in zip(examples, enc["offset_mapping"], strict=True)
+        ]  # fmt: skip
     eos = heads.text_end(backbone, tokenizer)
     texts = [heads.plain_text(e.turns) + eos for e in examples]
     if not getattr(tokenizer, "is_fast", False):

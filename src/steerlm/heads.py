@@ -158,13 +158,21 @@ class HeadModel(nn.Module):
 
     `pooling` is the read-out: 'cls' (the encoder's pooler on its first token, as BertForSequenceClassification),
     'mean' over the attended tokens, 'response' (mean over `response_mask`), or 'last' (the last attended token;
-    right padding). With `length_feature` the head also reads `length_input` of the response's token count. `scale`
+    right padding). `layers` (indices into the backbone's `hidden_states`: 0 the embeddings, -1 the last layer's
+    output) are averaged before pooling, with equal weights (ELMo's scalar mix, fixed); empty = the last hidden state.
+    With `length_feature` the head also reads `length_input` of the response's token count. `scale`
     is 1 except for APM folders written before levels were predicted directly (their head gave levels / (L-1))."""
 
     def __init__(self, backbone: nn.Module, n_outputs: int, pooling: str, length_feature: bool = False,
-                 head: nn.Linear | None = None, scale: float = 1.0, bias: bool = True):  # fmt: skip
+                 head: nn.Linear | None = None, scale: float = 1.0, bias: bool = True, layers: Sequence[int] = ()):  # fmt: skip
         super().__init__()
         self.backbone, self.pooling, self.length_feature, self.scale = backbone, pooling, length_feature, scale
+        self.layers = tuple(layers)
+        n_states = models.unwrap(backbone).config.num_hidden_layers + 1
+        if any(not -n_states <= i < n_states for i in self.layers):
+            raise UserError(
+                f"hidden layers {list(self.layers)} outside the backbone's 0..{n_states - 1}", field="hidden_layers"
+            )
         hidden = models.unwrap(backbone).config.hidden_size
         self.head = head if head is not None else nn.Linear(hidden + int(length_feature), n_outputs, bias=bias)
 
@@ -180,8 +188,13 @@ class HeadModel(nn.Module):
         # `base_model` is the bare transformer (itself for AutoModel backbones), so no vocabulary logits are built.
         trunk = models.unwrap(self.backbone).base_model
         kwargs = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
-        out = trunk(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        hidden = out.last_hidden_state.float()
+        out = trunk(
+            input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=bool(self.layers), **kwargs
+        )
+        if self.layers:
+            hidden = torch.stack([out.hidden_states[i].float() for i in self.layers]).mean(0)
+        else:
+            hidden = out.last_hidden_state.float()
         if self.pooling == "cls":  # the pooler (dense + tanh on the first token), as BertForSequenceClassification
             pooled = out.pooler_output.float()
         elif self.pooling in ("mean", "response"):
@@ -216,10 +229,11 @@ def as_sequence_classifier(m: HeadModel, backbone: str, tokenizer, labels: Seque
 
     Standard: an encoder (`backbone` 'encoder') read through its pooler ('cls'), or a causal LM read at its last
     token ('last') by a head without bias, whose tokenizer ends the text with EOS and pads with another token (the
-    class reads the rightmost token that is not `pad_token_id`); never with the length input, LoRA or a `scale`."""
+    class reads the rightmost token that is not `pad_token_id`); never with the length input, LoRA, other hidden
+    layers or a `scale`."""
     base = m.backbone
     config = base.config
-    if (m.length_feature or m.scale != 1.0 or base is not models.unwrap(base)
+    if (m.length_feature or m.scale != 1.0 or m.layers or base is not models.unwrap(base)
             or config.model_type not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES):  # fmt: skip
         return None
     if m.pooling == "cls":
@@ -270,7 +284,7 @@ def load(path: str | Path, meta: dict, head_file: str, device: torch.device, *, 
     `pooling` (default 'mean') and `head` (default `head_file`) are read. A LoRA backbone is merged: the loaded
     model scores, it does not train. A missing head file is a UserError."""
     path = Path(path)
-    pooling = meta.get("pooling") or "mean"
+    pooling, layers = meta.get("pooling") or "mean", meta.get("hidden_layers") or ()
     if meta.get("layout") == SEQ_CLS:
         with models._folder_errors(str(path)):
             seq = AutoModelForSequenceClassification.from_pretrained(str(path))
@@ -287,5 +301,5 @@ def load(path: str | Path, meta: dict, head_file: str, device: torch.device, *, 
         n_out, n_in = state["weight"].shape
         head = nn.Linear(n_in, n_out, bias="bias" in state)
         head.load_state_dict(state)
-        model = HeadModel(backbone, n_out, pooling, length_feature, head=head, scale=scale)
+        model = HeadModel(backbone, n_out, pooling, length_feature, head=head, scale=scale, layers=layers)
     return model.to(device).eval(), tokenizer

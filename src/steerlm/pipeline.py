@@ -230,7 +230,7 @@ def add_hh_rlhf(cfg: Config, apm_model: str, ann_dir: Path, out: Path, ann_cfg) 
         path, records, invalid = _read_hh(entry)
         if cfg.hh_rlhf_max_pairs:
             records = records[: 2 * cfg.hh_rlhf_max_pairs]  # each pair gives its chosen then its rejected record
-        annotate.annotate_records(apm, records, ann_cfg.batch_size, ann_cfg.keep_gt, calibrate)
+        annotate.annotate_records(apm, records, ann_cfg.batch_size, ann_cfg.keep_gt, calibrate, ann_cfg.human_labels)
         added += records
         stats[Path(path).name] = {"records": len(records), "invalid_skipped": invalid}
     out.mkdir(parents=True, exist_ok=True)

@@ -198,10 +198,25 @@ def test_fill_keeps_human_levels_and_takes_the_apms_only_where_they_are_missing(
     f_turns = [t for r in read_records(filled) for t in r.assistant_turns]
     i = [t for r in records for t in r.assistant_turns].index(human)
     assert scorer.schema.parse(f_turns[i].label)["quality"] == partial["quality"]
-    # a resumed run must use the same rule: it is part of what --resume checks
-    cfgs = [config_lib.build(annotate.Config, {"apm": str(work / "apm"), "input": str(tmp_path / "in.jsonl"),
-                                               "out": str(filled), "human_labels": h}) for h in ("replace", "fill")]  # fmt: skip
-    assert annotate._fingerprint(cfgs[0]) != annotate._fingerprint(cfgs[1])
+    # a resumed run must use the same rule; a progress file from before the rule existed was a 'replace' run
+    out = tmp_path / "x.jsonl"
+    replace = config_lib.build(annotate.Config, {"apm": str(work / "apm"), "input": str(tmp_path / "in.jsonl"),
+                                                 "out": str(out)})  # fmt: skip
+    old_fingerprint = {k: v for k, v in annotate._fingerprint(replace).items() if k != "human_labels"}
+    for name, text in ((".partial", ""), (".progress.json", json.dumps({"records": 0, "bytes": 0,
+                                                                         "fingerprint": old_fingerprint}))):  # fmt: skip
+        out.with_name(out.name + name).write_text(text)
+    with pytest.raises(UserError, match="human_labels rule"):
+        _run(work, input=str(tmp_path / "in.jsonl"), out=str(out), human_labels="fill", resume=True)
+    assert _run(work, input=str(tmp_path / "in.jsonl"), out=str(out), resume=True)["records"] == len(records)
+    # a human level the APM's schema cannot hold is refused before anything is written, naming record and turn
+    bad = read_records(tmp_path / "in.jsonl")
+    bad[2].assistant_turns[0].label = "quality:99"
+    write_records(tmp_path / "bad.jsonl", bad)
+    with pytest.raises(UserError, match="record 3") as err:
+        _run(work, input=str(tmp_path / "bad.jsonl"), out=str(tmp_path / "bad_out.jsonl"), human_labels="fill")
+    assert err.value.field.startswith("conversations[") and err.value.field.endswith("].label")
+    assert not (tmp_path / "bad_out.jsonl").exists() and not (tmp_path / "bad_out.jsonl.partial").exists()
 
 
 def test_pipeline_adds_apm_labelled_hh_rlhf_to_the_sft_data(shared_data, tmp_path):

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from steerlm.apm_model import APM, assistant_prefixes, load_apm
 from steerlm.data import formats, hh
-from steerlm.data.records import Record, record_from_json
+from steerlm.data.records import ASSISTANT, Record, record_from_json
 from steerlm.errors import UserError
 from steerlm.io import read_jsonl, write_json
 
@@ -58,8 +58,9 @@ class Config:
     them; an APM without a map (older folders, generative APMs) is rounded, and the meta file says so."""
     human_labels: Literal["replace", "fill"] = "replace"
     """'replace': every assistant turn gets the APM's levels (the paper's step 2: the APM's labels replace the
-    noisier human ones); 'fill': a turn keeps every level its human label gives and takes the APM's only for the
-    attributes it lacks (a turn without a label gets the APM's), for the human-labels ablation (docs/apm.md)."""
+    noisier human ones); 'fill': a turn keeps the levels its human label gives for the APM's attributes and takes
+    the APM's only for those it lacks (a turn without a label gets the APM's), for the human-labels ablation
+    (docs/steering.md, "APM labels against human labels"). Every human label is checked before any is written."""
     keep_gt: bool = True
     """Keep the replaced (human) label as `gt_label` beside the new one (null when there was none)."""
     skip_invalid: bool = False
@@ -142,11 +143,26 @@ def annotate_records(
             turn.extra["gt_label"] = turn.label
         if human_labels == "fill" and human:
             levels = apm.calibrate(pred) if calibrate else apm.round(pred)
-            turn.label = apm.schema.render({**levels, **apm.schema.parse(human, ignore_unknown=True)})
+            turn.label = apm.schema.render({**levels, **apm.schema.parse(human, ignore_unknown=True)}) or None
         else:
             turn.label = apm.label(pred, calibrated=calibrate)
         missing += turn.label is None
     return records, missing
+
+
+def check_human_labels(records: list[Record], apm: APM, path: str | Path) -> None:
+    """`human_labels: fill` keeps human levels: each must be one the APM's schema can hold (a UserError naming the
+    record, in input order, and the turn), checked before anything is scored or written."""
+    for r_i, record in enumerate(records):
+        for t_i, turn in enumerate(record.conversations):
+            key = "gt_label" if "gt_label" in turn.extra else "label"
+            human = turn.extra.get("gt_label") if key == "gt_label" else turn.label
+            if turn.role == ASSISTANT and human:
+                try:
+                    apm.schema.parse(human, ignore_unknown=True)
+                except UserError as e:
+                    raise UserError(f"record {r_i + 1}: {e.reason}", file=str(path),
+                                    field=f"conversations[{t_i}].{key}") from None  # fmt: skip
 
 
 def label_counts(path: str | Path, schema) -> dict[str, list[int]]:
@@ -189,9 +205,10 @@ def _start(cfg: Config, out: Path) -> tuple[int, int]:
                 return -1, 0  # finished earlier
             return 0, 0  # nothing was written yet: start from the beginning
         state = json.loads(progress.read_text(encoding="utf-8"))
-        if state.get("fingerprint") != _fingerprint(cfg):
-            raise UserError("the interrupted run used another input file or APM; pass --overwrite to start over",
-                            file=str(progress))  # fmt: skip
+        # progress files written before `human_labels` existed were 'replace' runs
+        if {"human_labels": "replace", **(state.get("fingerprint") or {})} != _fingerprint(cfg):
+            raise UserError("the interrupted run used another input file, APM or human_labels rule; pass --overwrite "
+                            "to start over", file=str(progress))  # fmt: skip
         if partial.stat().st_size < state["bytes"]:
             raise UserError("the partial output is shorter than its progress record; pass --overwrite",
                             file=str(partial))  # fmt: skip
@@ -215,6 +232,8 @@ def main(cfg: Config) -> dict:
     if done > len(records):
         raise UserError(f"progress says {done} records are done but the input has {len(records)}; pass --overwrite")
     apm = load_apm(cfg.apm)
+    if cfg.human_labels == "fill":
+        check_human_labels(records, apm, cfg.input)
     calibrated = cfg.calibrate and bool(apm.calibration)
     if cfg.calibrate and not calibrated:
         print(f"annotate: {cfg.apm} stores no calibration map (trained before it, or generative); labels are rounded")

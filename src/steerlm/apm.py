@@ -121,7 +121,9 @@ class Config:
     hidden_layers: list[int] = field(default_factory=list)
     """Regression: hidden states averaged before pooling, as indices into the backbone's `hidden_states` (0 = the
     embeddings, -1 = the last layer's output, so `15,-1` on SmolLM2-135M's 30 layers = a middle and the last);
-    empty = the last hidden state. Measured with the ridge head in docs/apm.md."""
+    empty = the last hidden state. Not with the 'cls' pooler (it reads the last layer). The ridge head standardises
+    the features; a gradient head sees the states' own scales (a Llama-type model's last state is normed, the others
+    not). Measured with the ridge head in docs/apm.md."""
     head_fit: Literal["gradient", "ridge"] = "gradient"
     """Regression: 'gradient' trains the backbone and the head together (`train.*`); 'ridge' keeps the backbone
     frozen, reads every example once (in `train.precision`) and fits the head per attribute in closed form (ridge
@@ -163,6 +165,8 @@ class Config:
                 raise ValueError("head_fit 'ridge' keeps the backbone frozen; set train.lora.r=0")
             if self.ridge_alpha <= 0:
                 raise ValueError(f"ridge_alpha must be positive, not {self.ridge_alpha}")
+        if self.kind == "generative" and self.hidden_layers:
+            raise ValueError("hidden_layers choose a regression head's features; a generative APM has none")
         if self.kind == "regression" and self.train.packing:
             raise ValueError("train.packing is for the generative APM; a regression APM pools each row")
 
@@ -435,6 +439,9 @@ def main(cfg: Config) -> dict:
         # what the ridge head reads best (docs/apm.md)
         requested = "response" if cfg.head_fit == "ridge" and cfg.pooling == "auto" else cfg.pooling
         pooling = heads.resolve_pooling(requested, backbone, base, cfg.model)
+        if pooling == "cls" and cfg.hidden_layers:
+            raise UserError("the 'cls' pooler reads the last layer only; choose --pooling=mean or response with "
+                            "hidden_layers", field="hidden_layers")  # fmt: skip
         heads.freeze_unused(base, pooler_used=pooling == "cls")
         base = models.apply_lora(base, cfg.train.lora)
         torch.manual_seed(cfg.train.seed)

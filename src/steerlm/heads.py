@@ -159,7 +159,9 @@ class HeadModel(nn.Module):
     `pooling` is the read-out: 'cls' (the encoder's pooler on its first token, as BertForSequenceClassification),
     'mean' over the attended tokens, 'response' (mean over `response_mask`), or 'last' (the last attended token;
     right padding). `layers` (indices into the backbone's `hidden_states`: 0 the embeddings, -1 the last layer's
-    output) are averaged before pooling, with equal weights (ELMo's scalar mix, fixed); empty = the last hidden state.
+    output) are averaged before pooling, with equal weights (ELMo's scalar mix, fixed; a Llama-type model's last state
+    is after its final norm, the others before it); empty = the last hidden state. The 'cls' pooler reads the last
+    layer only, so it takes no `layers`.
     With `length_feature` the head also reads `length_input` of the response's token count. `scale`
     is 1 except for APM folders written before levels were predicted directly (their head gave levels / (L-1))."""
 
@@ -168,11 +170,11 @@ class HeadModel(nn.Module):
         super().__init__()
         self.backbone, self.pooling, self.length_feature, self.scale = backbone, pooling, length_feature, scale
         self.layers = tuple(layers)
-        n_states = models.unwrap(backbone).config.num_hidden_layers + 1
-        if any(not -n_states <= i < n_states for i in self.layers):
-            raise UserError(
-                f"hidden layers {list(self.layers)} outside the backbone's 0..{n_states - 1}", field="hidden_layers"
-            )
+        if self.layers:
+            n = models.unwrap(backbone).config.num_hidden_layers + 1
+            if any(not -n <= i < n for i in self.layers):
+                raise UserError(f"hidden layers {list(self.layers)} outside the backbone's {-n}..{n - 1}",
+                                field="hidden_layers")  # fmt: skip
         hidden = models.unwrap(backbone).config.hidden_size
         self.head = head if head is not None else nn.Linear(hidden + int(length_feature), n_outputs, bias=bias)
 

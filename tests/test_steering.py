@@ -354,8 +354,9 @@ def test_steerability_measures_verbosity_without_an_apm(lm):
 
 def test_answers_that_write_an_attribute_line_are_counted_per_level():
     lines = ["quality:4,humor:0,verbosity:0\nquality:4,humor:0", "<attributes>quality:4,humor:1", "category:1,quantity:2",
-             "  layout: 2\nwidth:800"]  # fmt: skip
-    answers = ["No.", "Step 1: open the file.", "12:30 is when it starts.", "Here is the code: 5 lines.", ""]
+             "  layout: 2\nwidth:800", ",verbosity:#0,verbosity:#0>>>>", ",verbosity:of_text>"]  # fmt: skip
+    answers = ["No.", "Step 1: open the file.", "12:30 is when it starts.", "Here is the code: 5 lines.", "",
+               "Quality: it depends.", "humorous: no"]  # fmt: skip
     assert all(writes_attribute_line(t) for t in lines)
     assert not any(writes_attribute_line(t) for t in answers)
     result = AttributeResult("verbosity", [0, 4], [0.0, 4.0], 1.0, 1.0, 1, {0: lines[:3] + answers[:1], 4: answers})

@@ -62,14 +62,15 @@ MAX_BY_DEFAULT = ("quality", "helpfulness", "correctness", "coherence")
 #: `AttributeSchema.middle_level`.
 MIDDLE = "middle"
 
-_CANONICAL = STEERABLE + tuple(n for n in HELPSTEER if n not in STEERABLE)
+#: Every attribute name steerlm knows, in canonical order (the OASST, paper and HelpSteer sets).
+CATALOGUE = STEERABLE + tuple(n for n in HELPSTEER if n not in STEERABLE)
 
 
 def canonical_order(names: Iterable[str]) -> tuple[str, ...]:
     """Sort attribute names: NeMo's canonical order first, then any others in the order given."""
     names = list(dict.fromkeys(names))
-    known = sorted((n for n in names if n in _CANONICAL), key=_CANONICAL.index)
-    return tuple(known) + tuple(n for n in names if n not in _CANONICAL)
+    known = sorted((n for n in names if n in CATALOGUE), key=CATALOGUE.index)
+    return tuple(known) + tuple(n for n in names if n not in CATALOGUE)
 
 
 def bucket(value: float, levels: int) -> int:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from steerlm import attributes
 from steerlm.data import templates
 from steerlm.data.preferences import read_prompts
 from steerlm.data.records import ASSISTANT, Record, Turn, read_records, training_prompts, val_records_file
@@ -171,11 +172,17 @@ def mean_words(result: AttributeResult) -> list[float]:
 #: An answer that opens with a `name:level` pair (or the attribute marker) writes an attribute line instead of
 #: answering: the failure of a model pushed to read its line harder than it learned to answer under it
 #: (docs/steering.md: `category:1,quality:2,...` or its own line repeated, at the low verbosity levels).
-_LINE_START = re.compile(rf"^\W*(?:{re.escape(templates.ATTR_MARKER)})?\s*[A-Za-z_][\w-]{{0,23}}\s?:\s?\d")
+#: Also an answer that opens with an attribute name of the catalogue and a colon, whatever follows
+#: (`,verbosity:#0,verbosity:#0>>>>`, `,verbosity:of_text>` at verbosity 0 in one quickstart run).
+_LINE_START = re.compile(
+    rf"^\W*(?:{re.escape(templates.ATTR_MARKER)})?\s*(?:[A-Za-z_][\w-]{{0,23}}\s?:\s?\d"
+    rf"|(?:{'|'.join(attributes.CATALOGUE)})\s?:)"
+)
 
 
 def writes_attribute_line(text: str) -> bool:
-    """True when `text` starts like an attribute line (`quality:4,...`, `category:1`, `<attributes>...`)."""
+    """True when `text` starts like an attribute line (`quality:4,...`, `category:1`, `<attributes>...`,
+    `,verbosity:#0`)."""
     return bool(_LINE_START.match(text))
 
 

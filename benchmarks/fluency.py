@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from steerlm.apm_model import load_apm
-from steerlm.attributes import parse_assignment
+from steerlm.attributes import parse_assignment, word_count
 from steerlm.data.records import ASSISTANT, Record, Turn
 from steerlm.errors import UserError
 from steerlm.generator import Generator, SamplingArgs
@@ -135,7 +135,7 @@ def main() -> None:
         tokens = sum(t for _, t in nll)
         ppl = math.exp(sum(n for n, _ in nll) / tokens) if tokens else float("nan")  # nan: every answer empty
         rep = float(np.mean([repeated_4grams(a) for _, a in kept])) if kept else 0.0
-        words = float(np.mean([len(a.split()) for a in texts]))
+        words = float(np.mean([word_count(a) for a in texts]))
         low, high = bootstrap_ci(quality)
         row = {"words": round(words, 1), "apm_quality": round(float(np.mean(quality)), 3),
                "apm_quality_ci": [round(low, 3), round(high, 3)], "perplexity": round(ppl, 2) if tokens else None,
@@ -148,7 +148,7 @@ def main() -> None:
     # How much of the APM's quality is length: Spearman with log(1 + words) over every answer, and each model's mean
     # residual from one least-squares line of quality on log length fitted over all of them.
     pairs = [
-        (math.log1p(len(a["answer"].split())), a["quality"]) for m in report["models"].values() for a in m["answers"]
+        (math.log1p(word_count(a["answer"])), a["quality"]) for m in report["models"].values() for a in m["answers"]
     ]
     x, y = np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
     slope, intercept = np.polyfit(x, y, 1) if len(set(x.tolist())) > 1 else (0.0, float(y.mean()))
@@ -157,7 +157,7 @@ def main() -> None:
           "mean residual from one line fitted on all:")  # fmt: skip
     for name, m in report["models"].items():
         q = np.array([a["quality"] for a in m["answers"]])
-        w = np.array([math.log1p(len(a["answer"].split())) for a in m["answers"]])
+        w = np.array([math.log1p(word_count(a["answer"])) for a in m["answers"]])
         m["length_residual"] = round(float((q - (intercept + slope * w)).mean()), 3)
         print(f"  {name:<16} {m['length_residual']:+.3f}")
     if args.out:

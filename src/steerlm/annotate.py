@@ -138,16 +138,19 @@ def annotate_records(
         turn = records[r_i].conversations[t_i]
         # gt_label is written even when null ("no human label"), so that annotating an annotated file never takes
         # an earlier APM label for a human one.
-        human = turn.extra["gt_label"] if "gt_label" in turn.extra else turn.label
+        _, human = human_label(turn)
         if keep_gt and "gt_label" not in turn.extra:
             turn.extra["gt_label"] = turn.label
-        if human_labels == "fill" and human:
-            levels = apm.calibrate(pred) if calibrate else apm.round(pred)
-            turn.label = apm.schema.render({**levels, **apm.schema.parse(human, ignore_unknown=True)}) or None
-        else:
-            turn.label = apm.label(pred, calibrated=calibrate)
+        given = apm.schema.parse(human, ignore_unknown=True) if human_labels == "fill" and human else None
+        turn.label = apm.label(pred, calibrated=calibrate, given=given)
         missing += turn.label is None
     return records, missing
+
+
+def human_label(turn) -> tuple[str, str | None]:
+    """(where, value) of a turn's human label: `gt_label` once a file has been annotated (kept even when null),
+    else `label`."""
+    return ("gt_label", turn.extra["gt_label"]) if "gt_label" in turn.extra else ("label", turn.label)
 
 
 def check_human_labels(records: list[Record], apm: APM, path: str | Path) -> None:
@@ -155,8 +158,7 @@ def check_human_labels(records: list[Record], apm: APM, path: str | Path) -> Non
     record, in input order, and the turn), checked before anything is scored or written."""
     for r_i, record in enumerate(records):
         for t_i, turn in enumerate(record.conversations):
-            key = "gt_label" if "gt_label" in turn.extra else "label"
-            human = turn.extra.get("gt_label") if key == "gt_label" else turn.label
+            key, human = human_label(turn)
             if turn.role == ASSISTANT and human:
                 try:
                     apm.schema.parse(human, ignore_unknown=True)

@@ -298,7 +298,7 @@ def head_features(model: heads.HeadModel, rows: list[dict], collate, batch_size:
                   desc: str) -> torch.Tensor:  # fmt: skip
     """`model.features` of every row (N, D), in row order, under `precision`'s autocast (batches of similar length)."""
     device = next(model.parameters()).device
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    dtype = models.resolve_dtype(precision) if precision in ("bf16", "fp16") else None
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
     out: list[torch.Tensor | None] = [None] * len(rows)
     model.eval()

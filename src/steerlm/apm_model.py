@@ -276,10 +276,14 @@ class APM:
         maps = self.calibration
         return {k: maps[k](v) if k in maps else min(self.schema.max_level, max(0, round(v))) for k, v in pred.items()}
 
-    def label(self, pred: dict[str, float], calibrated: bool = False) -> str | None:
-        """The attribute string of rounded (or, with `calibrated`, quantile-mapped) predictions; None when there
-        are none, e.g. a failed parse."""
-        return self.schema.render(self.calibrate(pred) if calibrated else self.round(pred)) or None
+    def label(
+        self, pred: dict[str, float], calibrated: bool = False, given: dict[str, int] | None = None
+    ) -> str | None:
+        """The attribute string of rounded (or, with `calibrated`, quantile-mapped) predictions, where `given`
+        levels (human ones, annotate's `human_labels: fill`) replace the predicted ones; None when there are none,
+        e.g. a failed parse."""
+        levels = self.calibrate(pred) if calibrated else self.round(pred)
+        return self.schema.render({**levels, **(given or {})}) or None
 
     def _batches(self, ids: list[list[int]], batch_size: int, progress: bool):
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))

@@ -1,8 +1,9 @@
 """Held-out quality of a train-apm recipe over several tree splits of the OASST dev slice (issue #13).
 
-    OMP_NUM_THREADS=1 nice -n 15 python benchmarks/apm_splits.py --name default               # the defaults
-    python benchmarks/apm_splits.py --name mean-pool --set pooling=mean --set train.head_lr=0  # an ablation
-    python benchmarks/apm_splits.py --name quick --splits 1 --set model=tiny-encoder --set train.max_steps=2
+    python benchmarks/apm_splits.py --name default-ridge                            # the defaults (~3 min a split)
+    python benchmarks/apm_splits.py --name last-layer --set hidden_layers=-1        # an ablation
+    python benchmarks/apm_splits.py --name minilm-ft --set model=minilm-l6 --set head_fit=gradient   # the old default
+    python benchmarks/apm_splits.py --name quick --splits 1 --set model=tiny-encoder
 
 For each split seed: `steerlm prepare` holds out 20% of the trees as the test set (`test/val.jsonl`, never seen in
 training or checkpoint choice); the other trees are split again by tree (10% validation, for the best epoch); then

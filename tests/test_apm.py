@@ -51,7 +51,9 @@ def _train(monkeypatch, cfg: apm.Config) -> tuple[dict, torch.nn.Module]:
 
 def _cfg(data_dir, out, **kw) -> apm.Config:
     train_args = apm.APMTrainArgs(max_steps=3, batch_size=4, lr=1e-3, log_every=1, warmup_ratio=0.0)
-    return config_lib.build(apm.Config, {"data": str(data_dir), "out": str(out), "train": train_args, **kw})
+    # the gradient fit unless a test asks for the (default) ridge head
+    return config_lib.build(apm.Config, {"data": str(data_dir), "out": str(out), "train": train_args,
+                                         "head_fit": "gradient", **kw})  # fmt: skip
 
 
 def _assert_in_range(preds, n, schema):
@@ -119,7 +121,7 @@ def test_length_feature_and_head_lr(data_dir, tmp_path, monkeypatch):
     out = tmp_path / "apm"
     train_args = apm.APMTrainArgs(max_steps=3, batch_size=4, lr=1e-9, head_lr=1e-2, log_every=1, warmup_ratio=0.0)
     cfg = config_lib.build(apm.Config, {"data": str(data_dir), "out": str(out), "train": train_args,
-                                        "model": "tiny-encoder", "length_feature": True})  # fmt: skip
+                                        "model": "tiny-encoder", "length_feature": True, "head_fit": "gradient"})  # fmt: skip
     _, model = _train(monkeypatch, cfg)
     head = load_file(str(out / apm_model.BEST / apm_model.HEAD))
     hidden = models.tiny_encoder(0)[0].config.hidden_size
@@ -161,7 +163,7 @@ def test_generative_apm_trains_saves_and_reloads(data_dir, tmp_path, monkeypatch
 def test_train_apm_cli_with_builtin_tiny_model(data_dir, tmp_path, capsys):
     out = tmp_path / "apm"
     argv = ["train-apm", f"--data={data_dir}", f"--out={out}", "--model=tiny-encoder", "--train.max_steps=2",
-            "--train.batch_size=4", "--attributes=quality,helpfulness", "--pooling=response"]  # fmt: skip
+            "--train.batch_size=4", "--attributes=quality,helpfulness", "--pooling=response", "--head_fit=gradient"]  # fmt: skip
     assert cli.run(argv) == 0
     assert "train-apm: 2 steps" in capsys.readouterr().out
     loaded = apm_model.load_apm(out)
@@ -173,6 +175,30 @@ def test_train_apm_cli_with_builtin_tiny_model(data_dir, tmp_path, capsys):
     assert cli.run(argv + ["--resume"]) == 0  # finished already: nothing to do
     assert "already complete" in capsys.readouterr().out
     assert cli.run(argv + ["--overwrite"]) == 0
+
+
+def test_default_recipe_is_the_ridge_head_with_a_chosen_layer(data_dir, tmp_path, capsys):
+    """The defaults: a ridge head (no steps); on a causal LM it reads the state two thirds up with the last, saved
+    resolved in config.yaml and the metadata; an encoder reads its last state; LoRA or a generative APM train by
+    gradient."""
+    out = tmp_path / "lm"
+    assert cli.run(["train-apm", f"--data={data_dir}", f"--out={out}", "--model=tiny-lm",
+                    "--attributes=quality,humor"]) == 0  # fmt: skip
+    assert "ridge head fitted" in capsys.readouterr().out
+    meta = apm_model.load_apm(out).meta
+    layers = [round(apm.AUTO_DEPTH * models.tiny_causal_lm(0)[0].config.num_hidden_layers), -1]
+    assert meta["head_fit"] == "ridge" and meta["hidden_layers"] == layers == [1, -1]
+    saved = config_lib.load(apm.Config, config=str(out / "config.yaml"))
+    assert saved.hidden_layers == layers and saved.head_fit == "ridge"
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and rows[0]["step"] == 0 and rows[0]["val_loss"] > 0  # the run's one row
+    assert cli.run(["train-apm", f"--data={data_dir}", f"--out={tmp_path / 'enc'}", "--model=tiny-encoder",
+                    "--attributes=quality"]) == 0  # fmt: skip
+    assert apm_model.load_apm(tmp_path / "enc").meta["hidden_layers"] == []
+    lora = config_lib.build(apm.Config, {"data": str(data_dir), "model": "tiny-lm", "train": {"lora": {"r": 4}}})
+    assert lora.head_fit == "gradient"
+    assert config_lib.build(apm.Config, {"data": str(data_dir), "kind": "generative"}).head_fit == "gradient"
+    assert apm.Config(data=str(data_dir)).model == "smollm2-135m-instruct"
 
 
 def test_generative_parser_is_strict():

@@ -16,6 +16,7 @@ import requests
 from _serve_support import ATTRIBUTES, running, steerable_tiny, tiny_apm
 
 from steerlm.apm_model import load_apm
+from steerlm.batching import MAX_GUIDANCE_SCALE
 from steerlm.data.records import DEFAULT_SYSTEM, Record, Turn
 from steerlm.generator import Generator, SamplingArgs
 from steerlm.serve import Config
@@ -505,6 +506,8 @@ def test_server_defaults_are_validated(model_dir, generator):
         create_app(Config(model=str(model_dir), guidance_scale=2, guidance_reference="funny:3"), generator=generator)
     with pytest.raises(ValueError, match="guidance_scale must be in"):
         Config(model=str(model_dir), guidance_scale=-1)
+    with pytest.raises(ValueError, match="guidance_scale must be in"):
+        Config(model=str(model_dir), guidance_scale=MAX_GUIDANCE_SCALE + 1)
     plain = Generator.load("tiny-lm")
     with pytest.raises(UserError, match="takes no attribute guidance"):
         create_app(Config(model="tiny-lm", guidance_scale=2), generator=plain)

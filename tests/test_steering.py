@@ -12,7 +12,7 @@ import torch
 
 from steerlm import cli, conditioning, models, prepare, sft, train
 from steerlm.attributes import AttributeSchema, LengthBuckets, word_count
-from steerlm.batching import guide
+from steerlm.batching import MAX_GUIDANCE_SCALE, guide
 from steerlm.data import templates
 from steerlm.data.records import Record, Turn, read_records, write_records
 from steerlm.errors import UserError
@@ -159,6 +159,9 @@ def test_guidance_mixing_formula():
     assert torch.equal(guide(requested, neutral, 0.0), neutral)
     with pytest.raises(ValueError, match="guidance_scale"):
         SamplingArgs(guidance_scale=-1)
+    with pytest.raises(ValueError, match="guidance_scale"):  # the one bound of the sampler, the server and requests
+        SamplingArgs(guidance_scale=MAX_GUIDANCE_SCALE + 1)
+    assert SamplingArgs(guidance_scale=MAX_GUIDANCE_SCALE).guidance_scale == MAX_GUIDANCE_SCALE
 
 
 def test_guidance_at_scale_one_is_plain_generation(lm):

@@ -45,6 +45,9 @@ log = logging.getLogger("steerlm.serve")
 
 #: Kinds of events a row's sink receives: ("text", str delta), ("done", Finished), ("error", message).
 TEXT, DONE, ERROR = "text", "done", "error"
+#: The largest attribute guidance scale accepted anywhere (SamplingArgs, `steerlm serve`, a request): far above what
+#: helps (docs/steering.md measured 1-3), a bound on a request's logits rather than a recommendation.
+MAX_GUIDANCE_SCALE = 100.0
 
 
 class QueueFull(Exception):

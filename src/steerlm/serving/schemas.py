@@ -10,7 +10,7 @@ from typing import Any, Literal
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from steerlm.batching import Finished
+from steerlm.batching import MAX_GUIDANCE_SCALE, Finished
 
 # ---------------------------------------------------------------- errors
 
@@ -129,7 +129,7 @@ class OpenAISampling(_Strict):
     seed: int | None = None
     attributes: dict[str, Any] | None = None
     """steerlm extension: attribute levels to steer the answer, e.g. {"quality": 9, "humor": 6}."""
-    guidance_scale: float | None = Field(None, ge=0, le=100)
+    guidance_scale: float | None = Field(None, ge=0, le=MAX_GUIDANCE_SCALE)
     """steerlm extension: attribute guidance scale (1: plain SteerLM; > 1 amplifies the requested attributes at about
     twice the compute; see generate.SamplingArgs)."""
     guidance_reference: str | None = None

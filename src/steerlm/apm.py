@@ -1,6 +1,6 @@
 """`steerlm train-apm`: the attribute prediction model, SteerLM step 1 (SPEC §5.1).
 
-    steerlm train-apm --data runs/data --out runs/apm          # ridge head on frozen SmolLM2-135M (default, ~4 min)
+    steerlm train-apm --data runs/data --out runs/apm          # ridge head on frozen SmolLM2-135M (default, 3-5 min)
     steerlm train-apm --data runs/data --out runs/apm --model minilm-l6               # the same on MiniLM (~20 s)
     steerlm train-apm --data runs/data --out runs/apm --model minilm-l6 --head_fit gradient   # fine-tuned
     steerlm train-apm --data runs/data --out runs/apm-gen --kind generative \\
@@ -65,8 +65,8 @@ from steerlm.io import write_json
 
 KNOWN_ATTRIBUTES = tuple(dict.fromkeys(STEERABLE + OASST_LABELS + HELPSTEER))
 #: Where the ridge head on a causal LM reads its second hidden state by default (`Config.hidden_layers`), as a
-#: fraction of the layers: on SmolLM2-135M, layer 20 of 30 ranked OASST quality best on the inner validation trees of
-#: all three splits' mean (0.416; layers 18-22 within 0.02), and on the held-out trees too (docs/apm.md).
+#: fraction of the layers: on SmolLM2-135M, layer 20 of 30 ranked OASST quality best on the inner validation trees
+#: (mean of three splits: 0.416; layers 18-22 within 0.02), and on the held-out trees too (docs/apm.md).
 AUTO_DEPTH = 2 / 3
 
 
@@ -105,8 +105,8 @@ class Config:
     model: str = "smollm2-135m-instruct"
     """Backbone: a built-in (smollm2-135m-instruct, minilm-l6, tiny-encoder, tiny-lm), a folder or a hub id. The
     default with the defaults below (a ridge head on frozen SmolLM2-135M, hidden states 20 and 30) ranked held-out
-    OASST quality and helpfulness above the answers' word count on each of three tree splits, in ~210 s of this
-    2-core CPU; `minilm-l6` takes ~20 s and ranks a little lower (docs/apm.md)."""
+    OASST quality and helpfulness above the answers' word count on each of three tree splits, in 184 s per split on
+    this 2-core CPU; `minilm-l6` takes ~20 s and ranks a little lower (docs/apm.md)."""
     backbone: Literal["auto", "encoder", "causal"] = "auto"
     """Kind of backbone; 'auto' decides from the model (built-in name or the folder's config.json)."""
     pooling: Literal["auto", "cls", "mean", "response", "last"] = "auto"

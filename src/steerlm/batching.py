@@ -50,6 +50,13 @@ TEXT, DONE, ERROR = "text", "done", "error"
 MAX_GUIDANCE_SCALE = 100.0
 
 
+def check_guidance_scale(scale: float) -> None:
+    """The one check of a configured guidance scale (SamplingArgs, `steerlm serve`): ValueError outside
+    [0, MAX_GUIDANCE_SCALE]. A request's schema bounds it with the same constant."""
+    if not 0 <= scale <= MAX_GUIDANCE_SCALE:
+        raise ValueError(f"guidance_scale must be in [0, {MAX_GUIDANCE_SCALE:g}], not {scale}")
+
+
 class QueueFull(Exception):
     """The queue cannot take the rows of a request now (the caller answers 429 and the client retries)."""
 

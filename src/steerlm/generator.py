@@ -30,7 +30,7 @@ import torch
 from steerlm import config as config_lib
 from steerlm import models
 from steerlm.attributes import MIDDLE, AttributeSchema, LengthBuckets, computed_from_dict, parse_assignment
-from steerlm.batching import MAX_GUIDANCE_SCALE, TEXT, Engine, Row
+from steerlm.batching import TEXT, Engine, Row, check_guidance_scale
 from steerlm.data import templates
 from steerlm.data.records import ASSISTANT, DEFAULT_SYSTEM, USER, Record, Turn, record_from_json
 from steerlm.errors import UserError
@@ -86,8 +86,7 @@ class SamplingArgs:
             raise ValueError(f"repetition_penalty must be positive, not {self.repetition_penalty}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty")
-        if not 0 <= self.guidance_scale <= MAX_GUIDANCE_SCALE:
-            raise ValueError(f"guidance_scale must be in [0, {MAX_GUIDANCE_SCALE:g}], not {self.guidance_scale}")
+        check_guidance_scale(self.guidance_scale)
 
     @property
     def is_greedy(self) -> bool:

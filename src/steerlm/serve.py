@@ -46,7 +46,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from steerlm import config as config_lib
 from steerlm.attributes import parse_assignment
-from steerlm.batching import DONE, MAX_GUIDANCE_SCALE, TEXT, Finished, Row
+from steerlm.batching import DONE, TEXT, Finished, Row, check_guidance_scale
 from steerlm.data import templates
 from steerlm.data.records import ASSISTANT, USER, Record, Turn
 from steerlm.serving.guard import Guard, prometheus
@@ -150,8 +150,7 @@ class Config:
             raise ValueError(f"unknown log_level {self.log_level!r}")
         for text in self.attr:
             parse_assignment(text)
-        if not 0 <= self.guidance_scale <= MAX_GUIDANCE_SCALE:
-            raise ValueError(f"guidance_scale must be in [0, {MAX_GUIDANCE_SCALE:g}], not {self.guidance_scale}")
+        check_guidance_scale(self.guidance_scale)
 
 
 # ---------------------------------------------------------------- the app

@@ -19,13 +19,11 @@ import time
 from pathlib import Path
 
 import torch
-from local_data import DATA
+from local_data import lottery_prompts
 from transformers import GenerationConfig
 
 from steerlm import models
 from steerlm.generator import Generator, SamplingArgs
-
-PROMPTS = DATA / "prompts" / "oasst_prompt_lottery_en_250.jsonl"
 
 
 def parse_args(argv=None):
@@ -41,8 +39,7 @@ def parse_args(argv=None):
 
 
 def prompt_ids(gen: Generator, n: int) -> list[list[int]]:
-    texts = [json.loads(line) for line in PROMPTS.read_text().splitlines()[:n]]
-    return [gen.prompt_ids(t) for t in texts]
+    return [gen.prompt_ids(t) for t in lottery_prompts(n)]
 
 
 def steerlm_run(gen: Generator, prompts: list[list[int]], a) -> int:

@@ -21,16 +21,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from local_data import DATA
+from local_data import lottery_prompts
 
 from steerlm import models
 from steerlm.attributes import AttributeSchema
 from steerlm.generator import Generator, SamplingArgs
-
-PROMPTS = DATA / "prompts" / "oasst_prompt_lottery_en_250.jsonl"
-FALLBACK = ["Tell me about the moon.", "How do I sort a list in Python?", "Write a haiku about autumn.",
-            "What causes rain?", "Explain recursion to a child.", "Give me three tips for sleeping better.",
-            "Why is the sky blue?", "Summarise the plot of Hamlet."]  # fmt: skip
 
 
 def load(args) -> Generator:
@@ -43,13 +38,6 @@ def load(args) -> Generator:
         gen = Generator(gen.model, gen.tokenizer, schema=AttributeSchema(("quality", "verbosity")),
                         template=gen.template, conditioning="attributes")  # fmt: skip
     return gen
-
-
-def prompts(n: int) -> list[str]:
-    if PROMPTS.exists():
-        lines = [json.loads(x) for x in PROMPTS.read_text().splitlines() if x.strip()]
-        return [p for p in lines if isinstance(p, str)][:n]
-    return (FALLBACK * n)[:n]
 
 
 def main() -> None:
@@ -67,7 +55,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     gen = load(args)
-    questions = prompts(args.prompts)
+    questions = lottery_prompts(args.prompts)
     attrs = {"quality": gen.schema.max_level}
     base = SamplingArgs(greedy=True, max_new_tokens=args.tokens, min_new_tokens=args.tokens)
     settings = {

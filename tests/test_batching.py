@@ -98,6 +98,24 @@ def test_rows_joining_a_running_batch_get_the_same_answers(lm, engine):
     assert engine.stats.max_batch > 1  # they did join
 
 
+def test_decode_refills_the_batch_as_answers_finish(lm):
+    """`Engine.decode(rows, max_batch_size)`: never more answers at once than the limit (shadows not counted), the
+    next rows join as others finish (one long answer does not hold the rest back), and every answer is the one a
+    lone HF `generate` gives."""
+    model, tok = lm
+    eng = Engine(model, tok)
+    lengths = [40, 4, 4, 4, 4]
+    rows = [Row(ids(tok, p), greedy(n)) for p, n in zip(PROMPTS, lengths, strict=True)]
+    rows[1].guide(ids(tok, PROMPTS[0]))  # a guided answer: its shadow rides along, outside the count
+    steps = sum(1 for _ in eng.decode(rows, max_batch_size=2))
+    assert steps == 40  # fixed batches of 2 would take 40 + 4 + 4 steps
+    assert eng.stats.max_batch == 3  # two answers and one shadow
+    for p, n, r in zip(PROMPTS, lengths, rows, strict=True):
+        if r.shadow is None:
+            assert r.tokens == hf_greedy(model, tok, p, n), p
+    assert all(r.finish_reason == "length" for r in rows)
+
+
 def test_seeded_sampling_does_not_depend_on_batch_mates(lm, engine):
     _, tok = lm
     s = SamplingArgs(max_new_tokens=20, min_new_tokens=20, temperature=2.0, top_p=0.95, top_k=50, seed=7,

@@ -37,6 +37,14 @@ def test_guidance_cost_measures_both_scales(tmp_path):
     assert numbers and all(v > 0 for v in _floats(numbers))
 
 
+def test_decode_refill_times_both_schedules(tmp_path):
+    out = run_benchmark("decode_refill", "--tiny", "--prompts=2", "--lengths=2,6", "--batch_size=2", "--repeats=1",
+                        f"--json={tmp_path / 'r.json'}")  # fmt: skip
+    numbers = json.loads((tmp_path / "r.json").read_text())
+    assert set(numbers["seconds"]) == {"fixed batches", "refill"} and numbers["settings"]["tokens"] == 16
+    assert len(numbers["ratios"]) == 1 and "refill speed-up" in out
+
+
 def test_train_throughput_runs_steerlm_padded_and_packed(tmp_path):
     run_benchmark("train_throughput", "--model=tiny-lm", "--records=8", "--batch_size=2", "--max_length=256",
                   "--steps=1", "--repeats=1", "--variants=steerlm-fp32-padded,steerlm-fp32-packed",

@@ -100,6 +100,29 @@ def test_movable_attributes_alone_move():
         conditioning.ConditioningLossArgs(scale=0)
 
 
+def test_shares_set_how_often_each_attribute_is_the_one_that_moves():
+    rng = random.Random(5)
+    shares = {"verbosity": 4, "humor": 1, "quality": 0}
+    moved = Counter()
+    for _ in range(3000):
+        new = conditioning.corrupt_levels({"humor": 0, "quality": 1, "verbosity": 2}, 3, rng, shares=shares)
+        changed = [n for n, v in new.items() if v != {"humor": 0, "quality": 1, "verbosity": 2}[n]]
+        assert len(changed) == 1  # one attribute per pair, as without shares
+        moved[changed[0]] += 1
+    assert moved["quality"] == 0 and 0.75 < moved["verbosity"] / 3000 < 0.85  # 4 : 1 : 0
+    # a label whose only attributes have share 0 gets no twin
+    only_humor = Record([Turn("User", "q"), Turn("Assistant", "a", "humor:1")])
+    assert conditioning.corrupt_records([only_humor], SCHEMA, seed=1, shares={"humor": 0}) == [None]
+    with pytest.raises(ValueError, match="shares apply to corrupt='one'"):
+        conditioning.ConditioningLossArgs(corrupt="each", shares={"verbosity": 2})
+    with pytest.raises(ValueError, match="finite numbers >= 0"):
+        conditioning.ConditioningLossArgs(shares={"verbosity": -1})
+    with pytest.raises(ValueError, match="not in attributes"):
+        conditioning.ConditioningLossArgs(attributes=["verbosity"], shares={"humor": 1})
+    with pytest.raises(ValueError, match="none of attributes to move"):
+        conditioning.ConditioningLossArgs(attributes=["verbosity"], shares={"verbosity": 0})
+
+
 def test_twin_rows_never_enter_the_nll_and_the_term_is_the_softplus_of_the_gap():
     model, tok = models.tiny_causal_lm()
     records = synthetic(3, seed=1)
@@ -219,6 +242,7 @@ def test_sft_logs_the_readout_and_the_discriminative_term(tmp_path):
         "distance_power": 1.0,
         "corrupt": "one",
         "attributes": [],
+        "shares": {},
         "reduce": "sum",
         "scale": 1.0,
     }

@@ -8,7 +8,8 @@ token per row per step, with a KV cache. Between steps, rows that finished (an e
 budget) or were cancelled (the client went away) leave the batch, and their KV-cache rows are dropped, so they cost
 nothing more.
 
-`Engine.decode(rows)` runs those steps for a set of rows to the end on the calling thread (Generator's batches).
+`Engine.decode(rows, max_batch_size)` runs those steps for a set of rows to the end on the calling thread (Generator's
+calls), refilling the batch from the rest of the set as rows finish.
 `Engine.start()` runs them on a worker thread for the server: rows wait in a bounded queue; the worker takes up to
 `max_batch_size` of them (waiting `batch_wait_s` for a batch to fill), and waiting rows join the running batch
 between steps (their prefill is merged into the cache, left-padded to a common length), so a short request does not
@@ -207,16 +208,31 @@ class Engine:
     def running(self) -> int:
         return self._running
 
-    def decode(self, rows: Sequence[Row]) -> Iterator[None]:
-        """Decode `rows` (with the shadows of guided ones) together to their end on the calling thread, yielding after
-        every step (each row's sink has had its text of the step by then): the worker's steps without its queue, for
-        `generator.Generator`. Errors propagate. Not while the worker thread runs (it owns the model then)."""
+    def decode(self, rows: Sequence[Row], max_batch_size: int | None = None) -> Iterator[None]:
+        """Decode `rows` (with the shadows of guided ones) to their end on the calling thread, yielding after every
+        step (each row's sink has had its text of the step by then): the worker's steps without its queue, for
+        `generator.Generator`. At most `max_batch_size` answers (shadows not counted; default: all) decode at once,
+        taken in order; as answers finish, the next ones join the running batch between steps (their prefill
+        merged into the cache, as the worker's waiting rows do), so a few long answers never leave the rest waiting
+        for a new batch. Errors propagate. Not while the worker thread runs (it owns the model then)."""
         if self._thread is not None:
             raise RuntimeError("Engine.decode runs on the calling thread; this engine's worker thread is running")
-        with torch.inference_mode():  # (per step: the caller's code between steps runs in its own mode)
-            batch = self._prefill([x for r in rows for x in (r, r.shadow) if x is not None])
-        while batch is not None:
-            with torch.inference_mode():
+        pending, limit = deque(rows), max(1, max_batch_size or len(rows))
+
+        def take(n: int) -> list[Row]:
+            taken: list[Row] = []
+            for _ in range(min(n, len(pending))):
+                row = pending.popleft()
+                taken += [row] if row.shadow is None else [row, row.shadow]
+            return taken
+
+        batch: _Batch | None = None
+        while batch is not None or pending:
+            with torch.inference_mode():  # (per step: the caller's code between steps runs in its own mode)
+                if batch is None:
+                    batch = self._prefill(take(limit))
+                elif pending and len(batch.mains) < limit and batch.mergeable:
+                    batch = _merge(batch, self._prefill(take(limit - len(batch.mains))))
                 batch = self._step(batch)
             yield
 

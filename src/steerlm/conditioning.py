@@ -29,7 +29,7 @@ import json
 import math
 import random
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,6 +72,11 @@ class ConditioningLossArgs:
     """The attributes the corrupted lines move (the others keep their true levels); default: every attribute of the
     label. Narrowing it puts every pair on the attributes that must steer generation: measured, verbosity steered
     the answers' length only when every pair contrasted it (docs/steering.md)."""
+    shares: dict[str, float] = field(default_factory=dict)
+    """With corrupt='one': how often each attribute is the one that moves, relative to the others (those not named
+    get 1; 0 never moves). {verbosity: 4, quality: 1, humor: 1} contrasts verbosity in two thirds of the pairs and
+    quality and humor in a sixth each, so every attribute of the line is read while the one whose steering needs
+    the most pairs keeps most of them (docs/steering.md). Default: equal shares."""
     reduce: str = "sum"
     """How log p(answer | line) is taken over the answer's tokens: 'sum' (the log-likelihood of the whole answer:
     a long answer's gap is large, so it saturates the softplus early, and every token of an unsaturated pair gets up
@@ -93,6 +98,17 @@ class ConditioningLossArgs:
             raise ValueError(f"weight must be a finite number >= 0, not {self.weight}")
         if not (0 <= self.distance_power <= 8):
             raise ValueError(f"distance_power must be in [0, 8], not {self.distance_power}")
+        bad = [f"{k}: {v}" for k, v in self.shares.items()
+               if not isinstance(v, (int, float)) or not (v >= 0 and math.isfinite(v))]  # fmt: skip
+        if bad:
+            raise ValueError(f"shares must be finite numbers >= 0, not {', '.join(bad)}")
+        if self.shares and self.corrupt != "one":
+            raise ValueError("shares apply to corrupt='one' (one attribute moves per pair)")
+        if self.attributes and not any(self.shares.get(n, 1.0) > 0 for n in self.attributes):
+            raise ValueError("shares leave none of attributes to move")
+        outside = [k for k in self.shares if self.attributes and k not in self.attributes]
+        if outside:
+            raise ValueError(f"shares names {outside[0]!r}, which is not in attributes ({', '.join(self.attributes)})")
 
 
 # ---------------------------------------------------------------- trained turns, computed attributes
@@ -207,16 +223,21 @@ def oversample_copies(records: list[Record], schema: AttributeSchema, max_copies
 
 
 def corrupt_levels(levels: dict[str, int], max_level: int, rng: random.Random, power: float = 1.0,
-                   mode: str = "one", movable: Sequence[str] = ()) -> dict[str, int]:  # fmt: skip
+                   mode: str = "one", movable: Sequence[str] = (),
+                   shares: Mapping[str, float] | None = None) -> dict[str, int]:  # fmt: skip
     """`levels` with attributes moved to other levels, each new level drawn with probability proportional to
-    |new - old| ** power: one attribute drawn uniformly (`mode` 'one'), or every attribute with probability 1/2 and
-    at least one ('each'); only those in `movable` when it is given. Raises ValueError when nothing can move (no
-    attribute, none of `movable` in `levels`, or a schema with one level)."""
-    names = sorted(n for n in levels if not movable or n in movable)
+    |new - old| ** power: one attribute drawn uniformly, or in proportion to `shares` (default 1 each; `mode`
+    'one'), or every attribute with probability 1/2 and at least one ('each'); only those in `movable` when it is
+    given. Raises ValueError when nothing can move (no attribute, none of `movable` in `levels` with a share above 0,
+    or a schema with one level)."""
+    shares = shares or {}
+    names = sorted(n for n in levels if (not movable or n in movable) and shares.get(n, 1.0) > 0)
     if not names or max_level < 1:
         raise ValueError("nothing to corrupt: no attribute, or only one level")
     if mode == "each":
         moved = [n for n in names if rng.random() < 0.5] or [rng.choice(names)]
+    elif shares:
+        moved = rng.choices(names, weights=[shares.get(n, 1.0) for n in names])
     else:
         moved = [rng.choice(names)]
     out = dict(levels)
@@ -227,11 +248,13 @@ def corrupt_levels(levels: dict[str, int], max_level: int, rng: random.Random, p
 
 
 def corrupt_records(records: Sequence[Record], schema: AttributeSchema, seed: int, power: float = 1.0,
-                    mode: str = "one", movable: Sequence[str] = ()) -> list[Record | None]:  # fmt: skip
+                    mode: str = "one", movable: Sequence[str] = (),
+                    shares: Mapping[str, float] | None = None) -> list[Record | None]:  # fmt: skip
     """For each record, a copy whose trained, labelled assistant turns each carry a corrupted attribute string
-    (`corrupt_levels`, seeded by `seed` and the record's position; only `movable` attributes move when given); None
-    where no trained turn has a label among them (label dropout, or unlabelled data) — such records get no
-    discriminative term."""
+    (`corrupt_levels`, seeded by `seed` and the record's position; only `movable` attributes move when given, in
+    proportion to `shares` when given); None where no trained turn has a label among them (label dropout, or
+    unlabelled data) — such records get no discriminative term."""
+    shares = shares or {}
     rng = random.Random(seed * 104_729 + 3)
     out: list[Record | None] = []
     for r in records:
@@ -239,8 +262,8 @@ def corrupt_records(records: Sequence[Record], schema: AttributeSchema, seed: in
         for j in trained_turns(r):
             label = r.conversations[j].label
             levels = schema.parse(label) if label else {}
-            if any(not movable or n in movable for n in levels):
-                new[j] = schema.render(corrupt_levels(levels, schema.max_level, rng, power, mode, movable))
+            if any((not movable or n in movable) and shares.get(n, 1.0) > 0 for n in levels):
+                new[j] = schema.render(corrupt_levels(levels, schema.max_level, rng, power, mode, movable, shares))
         out.append(_copy(r, new) if new else None)
     return out
 

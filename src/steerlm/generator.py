@@ -277,7 +277,8 @@ class Generator:
 
     def generate_ids(self, prompts: list[list[int]], sampling: SamplingArgs | None = None, batch_size: int = 8,
                      raw: bool = False, neutral: list[list[int]] | None = None) -> list[Generation]:  # fmt: skip
-        """Generate from token-id prompts in batches (longest first, to pad little); results in input order.
+        """Generate from token-id prompts, at most `batch_size` answers at a time, longest prompts first (to pad
+        little); as answers finish, the next prompts join the running batch (`Engine.decode`). Results in input order.
         With `neutral` (one neutral-condition prompt per prompt), tokens are picked by attribute guidance at
         `sampling.guidance_scale`; both prompts of an answer run in the same forward pass."""
         sampling = sampling or SamplingArgs()
@@ -287,9 +288,8 @@ class Generator:
             raise ValueError(f"{len(neutral)} neutral prompts for {len(prompts)} prompts")
         rows = self._rows(prompts, sampling, raw, neutral)
         order = sorted(range(len(rows)), key=lambda i: -len(prompts[i]))
-        for start in range(0, len(order), max(1, batch_size)):
-            for _ in self.engine.decode([rows[i] for i in order[start : start + batch_size]]):  # run to the end
-                pass
+        for _ in self.engine.decode([rows[i] for i in order], max_batch_size=batch_size):  # run to the end
+            pass
         return [Generation(r.text, r.tokens, len(r.prompt_ids), r.finish_reason) for r in rows]
 
     def stream(self, conversation, attributes=None, sampling: SamplingArgs | None = None) -> Iterator[str]:

@@ -419,14 +419,17 @@ def run(cfg: Config) -> tuple[dict, torch.nn.Module]:
     # the discriminative term's twins: the same answers under an attribute line with one attribute moved
     weight = cfg.conditioning_loss.weight if schema is not None else 0.0
     if weight > 0:
-        movable = cfg.conditioning_loss.attributes
-        unknown = [n for n in movable if n not in schema.names]
-        if unknown:
-            raise UserError(f"{unknown[0]!r} is not in the attribute line ({', '.join(schema.names)})",
-                            field="conditioning_loss.attributes")  # fmt: skip
+        movable, shares = cfg.conditioning_loss.attributes, cfg.conditioning_loss.shares
+        for name, names in (("attributes", movable), ("shares", shares)):
+            unknown = [n for n in names if n not in schema.names]
+            if unknown:
+                raise UserError(f"{unknown[0]!r} is not in the attribute line ({', '.join(schema.names)})",
+                                field=f"conditioning_loss.{name}")  # fmt: skip
+        if not any(shares.get(n, 1.0) > 0 for n in movable or schema.names):
+            raise UserError("every attribute has share 0: nothing to contrast", field="conditioning_loss.shares")
         twins = conditioning.corrupt_records([plan_records[i] for i in kept], schema, cfg.train.seed,
                                              cfg.conditioning_loss.distance_power, cfg.conditioning_loss.corrupt,
-                                             movable)  # fmt: skip
+                                             movable, shares)  # fmt: skip
         for n, twin in enumerate(twins):
             alt = templates.encode(twin, tokenizer, style, cfg.train.max_length) if twin is not None else None
             train_examples[n] = conditioning.pair_example(train_examples[n], alt)
@@ -462,6 +465,7 @@ def run(cfg: Config) -> tuple[dict, torch.nn.Module]:
         out_meta["conditioning_loss"] = {"weight": weight, "distance_power": cfg.conditioning_loss.distance_power,
                                          "corrupt": cfg.conditioning_loss.corrupt,
                                          "attributes": list(cfg.conditioning_loss.attributes),
+                                         "shares": dict(cfg.conditioning_loss.shares),
                                          "reduce": cfg.conditioning_loss.reduce,
                                          "scale": cfg.conditioning_loss.scale}  # fmt: skip
 

@@ -1,4 +1,5 @@
-"""Training throughput: `steerlm sft` against TRL's `SFTTrainer`, fp32 against bf16, padded against packed.
+"""Training throughput: `steerlm sft` against TRL's `SFTTrainer`, fp32 against bf16, padded against packed, the LM
+head on the answer positions against on every position.
 
     pip install -e '.[bench]'                                      # TRL, for this benchmark only
     OMP_NUM_THREADS=2 python benchmarks/train_throughput.py --model=smollm2-135m-instruct --steps=3 --repeats=3
@@ -36,7 +37,10 @@ VARIANTS = {
     "trl-fp32-packed": ("trl", "fp32", True),
     "steerlm-bf16-padded": ("steerlm", "bf16", False),
     "trl-bf16-padded": ("trl", "bf16", False),
+    "steerlm-fp32-padded-all-logits": ("steerlm", "fp32", False),
 }
+#: steerlm variants run as before the LM head was limited to the trained positions (`conditioning.token_nll`)
+ALL_LOGITS = {"steerlm-fp32-padded-all-logits"}
 #: (label, numerator variant, denominator variant)
 RATIOS = [
     ("steerlm / TRL, fp32 padded", "steerlm-fp32-padded", "trl-fp32-padded"),
@@ -44,6 +48,7 @@ RATIOS = [
     ("steerlm packed / padded, fp32", "steerlm-fp32-packed", "steerlm-fp32-padded"),
     ("steerlm bf16 / fp32, padded", "steerlm-bf16-padded", "steerlm-fp32-padded"),
     ("TRL bf16 / fp32, padded", "trl-bf16-padded", "trl-fp32-padded"),
+    ("steerlm answer-position logits / all, fp32", "steerlm-fp32-padded", "steerlm-fp32-padded-all-logits"),
 ]
 
 
@@ -126,7 +131,7 @@ def count(batch) -> tuple[int, int]:
     return real, int((batch["labels"][:, 1:] != -100).sum())
 
 
-def run_steerlm(a, precision: str, packed: bool, out: str) -> tuple[list, list]:
+def run_steerlm(a, precision: str, packed: bool, out: str, all_logits: bool = False) -> tuple[list, list]:
     from steerlm import conditioning, sft, train
 
     counts, steps = [], []
@@ -143,6 +148,8 @@ def run_steerlm(a, precision: str, packed: bool, out: str) -> tuple[list, list]:
         write(self, row)
 
     conditioning.collate_pairs, train.MetricsLog.write = counting_collate, timed_write
+    if all_logits:  # the model answers as one without a per-row `logits_to_keep`: logits at every position
+        conditioning.supports_logits_to_keep = lambda model, per_row=False: False
     sft.run(sft_config(a, precision, packed, out))
     return counts, steps
 
@@ -194,7 +201,10 @@ def child(a) -> dict:
 
     trainer, precision, packed = VARIANTS[a.child]
     with tempfile.TemporaryDirectory() as out:
-        counts, steps = (run_steerlm if trainer == "steerlm" else run_trl)(a, precision, packed, out)
+        if trainer == "steerlm":
+            counts, steps = run_steerlm(a, precision, packed, out, all_logits=a.child in ALL_LOGITS)
+        else:
+            counts, steps = run_trl(a, precision, packed, out)
     w = a.warmup
     if len(steps) < w + a.steps or len(counts) < w + a.steps:
         raise SystemExit(f"{a.child}: {len(steps)} steps logged, {len(counts)} batches collated")

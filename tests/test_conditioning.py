@@ -11,7 +11,8 @@ import torch
 
 from steerlm import cli, conditioning, models, sft
 from steerlm.attributes import AttributeSchema
-from steerlm.data import templates
+from steerlm.config import LoraArgs
+from steerlm.data import collate, templates
 from steerlm.data.records import Record, Turn, write_records
 
 SCHEMA = AttributeSchema(("humor", "verbosity"), levels=4)
@@ -282,3 +283,60 @@ def test_loss_sums_match_token_nll():
         total = conditioning.loss_sums(model, examples, collate, 2, acc)
         nll, mask = conditioning.token_nll(model, collate(examples))
     assert torch.allclose(total[0].float(), (nll * mask).sum(), rtol=1e-4) and int(total[1]) == int(mask.sum())
+
+
+def _full_logits(monkeypatch):
+    """Make every caller take the whole-sequence logits path, as a model without a per-row `logits_to_keep` does."""
+    monkeypatch.setattr(conditioning, "supports_logits_to_keep", lambda model, per_row=False: False)
+
+
+@pytest.mark.parametrize("capacity", [0, 96])
+def test_token_nll_on_the_labelled_positions_equals_the_whole_sequence_logits(monkeypatch, capacity):
+    model, tok = models.tiny_causal_lm()
+    model.eval()
+    assert collate.supports_logits_to_keep(model, per_row=True)
+    records = synthetic(4, seed=3)
+    twins = conditioning.corrupt_records(records, SCHEMA, seed=0)
+    examples = [conditioning.pair_example(templates.encode(r, tok, "chat"), templates.encode(t, tok, "chat"))
+                for r, t in zip(records, twins, strict=True)]  # fmt: skip
+    batch = conditioning.collate_pairs(examples, tok.pad_token_id, capacity=capacity)
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss, _ = conditioning.conditioned_lm_loss(model, batch, weight=1.0, reduce="mean", scale=10.0)
+        loss.backward()
+        nll, mask = conditioning.token_nll(model, batch)
+        return loss.detach(), nll.detach(), mask, [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    kept = loss_and_grads()
+    with monkeypatch.context() as m:
+        _full_logits(m)
+        full = loss_and_grads()
+    assert torch.equal(kept[2], full[2]) and int(kept[2].sum()) > 0
+    assert torch.allclose(kept[1], full[1], atol=1e-5) and bool((kept[1][~kept[2]] == 0).all())
+    assert torch.allclose(kept[0], full[0], atol=1e-5)
+    assert len(kept[3]) == len(full[3]) > 0
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(kept[3], full[3], strict=True))
+
+
+def test_supports_logits_to_keep_sees_through_wrappers_and_refuses_models_without_per_row_slicing():
+    model, _ = models.tiny_causal_lm()
+    lora = models.apply_lora(model, LoraArgs(r=4, alpha=8))
+
+    class Wrapped(torch.nn.Module):  # the shape of DistributedDataParallel: the model under `.module`
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    assert collate.supports_logits_to_keep(Wrapped(lora), per_row=True)
+
+    class Old(torch.nn.Module):  # takes an int `logits_to_keep` but slices every row alike
+        def forward(self, input_ids, logits_to_keep=0):
+            return input_ids
+
+    class Plain(torch.nn.Module):
+        def forward(self, input_ids):
+            return input_ids
+
+    assert collate.supports_logits_to_keep(Old()) and not collate.supports_logits_to_keep(Old(), per_row=True)
+    assert not collate.supports_logits_to_keep(Plain())

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import yaml
 
-from steerlm import cli, evaluate, models
+from steerlm import cli, evaluate, metrics, models
 from steerlm import config as config_lib
 from steerlm.attributes import AttributeSchema
 from steerlm.errors import UserError
@@ -412,11 +412,11 @@ def test_bootstrap_ci_covers_the_truth_at_the_nominal_rate():
     covered = 0
     for trial in range(200):
         sample = (rng.random(100) < 0.3).astype(float)
-        lo, hi = statistics.bootstrap_ci(sample, np.mean, 300, 0.9, seed=trial)
+        lo, hi = metrics.bootstrap_ci(sample, np.mean, 300, 0.9, seed=trial)
         covered += lo <= 0.3 <= hi
     assert 0.82 <= covered / 200 <= 0.97
-    assert statistics.bootstrap_ci(np.array([1.0]), np.mean, 100, 0.95, 0) is None
-    assert statistics.bootstrap_ci(np.ones(5), np.mean, 100, 0.95, 0) == (1.0, 1.0)
+    assert metrics.bootstrap_ci(np.array([1.0]), np.mean, 100, 0.95, 0) is None
+    assert metrics.bootstrap_ci(np.ones(5), np.mean, 100, 0.95, 0) == (1.0, 1.0)
 
 
 def test_outcome_and_default_levels():

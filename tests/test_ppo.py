@@ -225,3 +225,18 @@ def test_the_value_head_is_saved_as_safetensors_and_old_pickles_still_load(tmp_p
     assert all(torch.equal(a, b) for a, b in zip(head.state_dict().values(), again.state_dict().values(), strict=True))
     with pytest.raises(UserError, match="value_head.safetensors"):
         ppo.load_value_head(tmp_path)
+
+
+def test_answer_logits_on_the_answer_positions_equal_the_whole_sequence_ones(monkeypatch):
+    from steerlm import models
+
+    model, tok = models.tiny_causal_lm()
+    model.eval()
+    head = ppo.ValueHead(model.config.hidden_size)
+    batch = ppo.make_batch([[5, 6, 7, 8], [9, 10]], [[11, 12, 13], [14, 15, 16, 17, 18]], tok.pad_token_id, "cpu")
+    with torch.no_grad():
+        kept = ppo.evaluate_tokens(model, batch, head, temperature=0.7)
+        monkeypatch.setattr(ppo, "supports_logits_to_keep", lambda model, per_row=False: False)
+        full = ppo.evaluate_tokens(model, batch, head, temperature=0.7)
+    assert kept[0].shape == (2, 5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(kept, full, strict=True))

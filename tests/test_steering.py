@@ -7,6 +7,7 @@ from collections import Counter
 from dataclasses import replace
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -17,6 +18,7 @@ from steerlm.data import templates
 from steerlm.data.records import Record, Turn, read_records, write_records
 from steerlm.errors import UserError
 from steerlm.generator import Generator, SamplingArgs
+from steerlm.metrics import spearman
 from steerlm.steerability import (
     AttributeResult,
     ComputedScorer,
@@ -24,9 +26,11 @@ from steerlm.steerability import (
     draw_prompts,
     empty_answers,
     file_prompts,
+    format_table,
     held_out_prompts,
     measure_attribute,
     measure_verbosity,
+    prompt_interval,
     writes_attribute_line,
 )
 
@@ -353,6 +357,23 @@ def test_steerability_measures_verbosity_without_an_apm(lm):
     assert result.attribute == "verbosity" and len(result.measured_mean) == 2
     for level, answers in result.answers.items():
         assert all(0 <= gen.computed["verbosity"].level(a) <= 9 for a in answers), level
+
+
+def test_the_check_gives_spearman_an_interval_over_prompts():
+    levels = [0, 1, 2, 3, 4]
+    rng = np.random.default_rng(0)
+    steered = np.array(levels, dtype=float) + rng.normal(0, 0.3, (24, 5))  # 24 prompts that follow the slider
+    flat = rng.normal(2, 1, (24, 5))  # 24 prompts that do not
+    lo, hi = prompt_interval(levels, steered)
+    rho = spearman(np.tile(levels, 24).tolist(), steered.ravel().tolist())
+    assert lo <= rho <= hi and lo > 0.8
+    lo_flat, hi_flat = prompt_interval(levels, flat)
+    assert lo_flat < 0 < hi_flat and hi_flat < lo
+    # half the prompts: a wider interval, the same seed: the same interval
+    assert prompt_interval(levels, steered[:6])[1] - prompt_interval(levels, steered[:6])[0] > hi - lo
+    assert prompt_interval(levels, steered) == [lo, hi] and prompt_interval(levels, steered[:1]) is None
+    result = AttributeResult("verbosity", levels, [0.0] * 5, rho, 1.0, 4, spearman_ci=[lo, hi])
+    assert f"(95% CI over prompts {lo:+.2f}..{hi:+.2f})" in format_table([result])
 
 
 def test_answers_that_write_an_attribute_line_are_counted_per_level():

@@ -27,7 +27,6 @@ Positions are given explicitly per row, so left padding never shifts a row's pos
 
 from __future__ import annotations
 
-import inspect
 import logging
 import secrets
 import threading
@@ -41,6 +40,7 @@ from typing import Any
 import torch
 
 from steerlm.data import templates
+from steerlm.data.collate import supports_logits_to_keep
 
 log = logging.getLogger("steerlm.serve")
 
@@ -164,7 +164,8 @@ class Engine:
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self._keep_logits = _supports_logits_to_keep(model)
+        # logits for the last position only: no (batch, length, vocab) tensor at prefill
+        self._keep_logits = supports_logits_to_keep(model)
 
     # ------------------------------------------------------------ public API (any thread)
 
@@ -699,12 +700,3 @@ def end_ids(model, tokenizer) -> list[int]:
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ends |= set(eos if isinstance(eos, (list, tuple)) else [eos])
     return sorted(int(i) for i in ends if i is not None)
-
-
-def _supports_logits_to_keep(model) -> bool:
-    # Computing logits for the last position only saves a (batch, length, vocab) tensor at prefill.
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    try:
-        return "logits_to_keep" in inspect.signature(base.forward).parameters
-    except (TypeError, ValueError):
-        return False

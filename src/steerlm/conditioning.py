@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from steerlm import config as config_lib
 from steerlm.attributes import AttributeSchema, LengthBuckets, computed_from_dict, flip_levels, with_computed
 from steerlm.data import templates
-from steerlm.data.collate import collate_packed, example_sums, model_inputs, pad
+from steerlm.data.collate import collate_packed, example_sums, model_inputs, pad, supports_logits_to_keep
 from steerlm.data.records import ASSISTANT, Record, Turn
 from steerlm.errors import UserError
 
@@ -328,13 +328,22 @@ def collate_pairs(examples: list[dict], pad_id: int, capacity: int = 0) -> dict[
 
 
 def token_nll(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token negative log-likelihood of the labelled tokens: (nll (R, T-1) float32, mask (R, T-1) bool), where
-    position t predicts token t+1 and the mask marks labels != -100 (SPEC §4). Padded or packed batches."""
-    logits = model(**model_inputs(batch)).logits
+    """Per-token negative log-likelihood of the labelled tokens: (nll (R, T-1) float32, 0 where unlabelled; mask
+    (R, T-1) bool), where position t predicts token t+1 and the mask marks labels != -100 (SPEC §4). Padded or packed
+    batches. The LM head runs on the labelled positions only when the model takes a per-row `logits_to_keep`
+    (`collate.supports_logits_to_keep`): the prompt's positions (about half of the quickstart's tokens) need no
+    (vocabulary)-wide logits, which are a fifth of a 135M model's forward FLOPs; the loss is the same."""
     labels = batch["labels"][:, 1:]
-    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=templates.IGNORE_INDEX,
-                          reduction="none").view(labels.shape)  # fmt: skip
-    return nll, labels != templates.IGNORE_INDEX
+    mask = labels != templates.IGNORE_INDEX
+    if not supports_logits_to_keep(model, per_row=True):
+        logits = model(**model_inputs(batch)).logits
+        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
+                              ignore_index=templates.IGNORE_INDEX, reduction="none").view(labels.shape)  # fmt: skip
+        return nll, mask
+    keep = F.pad(mask, (0, 1))  # (R, T): the last position predicts nothing
+    logits = model(**model_inputs(batch), logits_to_keep=keep).logits  # (labelled tokens, V)
+    nll = torch.zeros(labels.shape, dtype=torch.float32, device=logits.device)
+    return nll.masked_scatter(mask, F.cross_entropy(logits.float(), labels[mask], reduction="none")), mask
 
 
 def conditioned_lm_loss(model, batch: dict, weight: float = 0.0, reduce: str = "sum",

@@ -2,13 +2,14 @@
 
 Used by `steerlm eval-apm` and by the evaluation report. Every function takes two equal-length sequences of
 levels (floats allowed for predictions) and returns a float, or None when the metric is undefined (no pairs, or a
-constant input for Spearman).
+constant input for Spearman). `bootstrap_ci` gives any statistic an interval over prompts (the evaluation report's
+and the steerability check's).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from scipy import stats
@@ -54,3 +55,22 @@ ALL = {"mae": mae, "exact": exact_acc, "within1": within1, "spearman": spearman}
 def summarize(pred: Sequence[float], gold: Sequence[float]) -> dict[str, float | None]:
     """Every metric of `ALL` for one attribute, plus the number of pairs `n`."""
     return {"n": len(gold), **{name: fn(pred, gold) for name, fn in ALL.items()}}
+
+
+def bootstrap_ci(rows: np.ndarray, stat: Callable[[np.ndarray], float | np.ndarray], n: int, confidence: float,
+                 seed: int) -> tuple[float, float] | tuple[np.ndarray, np.ndarray] | None:  # fmt: skip
+    """Percentile interval at `confidence` of `stat` over `n` resamples (with replacement) of `rows`, one row per
+    prompt (`scipy.stats.bootstrap`, seeded with `seed`): prompts are the unit of sampling, so all a prompt gives
+    (both orders of a comparison, its answers at every level of a check) stays together. (low, high) as floats, or as arrays of `stat`'s shape when it returns an array (one
+    interval per entry). None with < 2 rows or n = 0, or when the interval is not finite."""
+    rows = np.asarray(rows, dtype=np.float64)
+    if len(rows) < 2 or n <= 0:
+        return None
+    # Resampling the row indices keeps each row (a prompt) whole, whatever `stat` does with its columns.
+    with np.errstate(divide="ignore", invalid="ignore"):
+        res = stats.bootstrap((np.arange(len(rows)),), lambda i: stat(rows[i]), n_resamples=n, rng=seed,
+                              confidence_level=confidence, method="percentile", vectorized=False)  # fmt: skip
+    lo, hi = res.confidence_interval
+    if not (np.all(np.isfinite(lo)) and np.all(np.isfinite(hi))):
+        return None
+    return (float(lo), float(hi)) if np.ndim(lo) == 0 else (np.asarray(lo), np.asarray(hi))

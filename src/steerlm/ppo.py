@@ -50,7 +50,7 @@ from steerlm import config as config_lib
 from steerlm.attributes import AttributeSchema
 from steerlm.config import TrainArgs
 from steerlm.data import invariants, preferences, templates
-from steerlm.data.collate import collate_lm, pad
+from steerlm.data.collate import collate_lm, pad, supports_logits_to_keep
 from steerlm.data.records import Record, Turn, read_records
 from steerlm.errors import UserError
 from steerlm.generator import META, Generator, SamplingArgs
@@ -328,10 +328,13 @@ def make_batch(prompts: list[list[int]], answers: list[list[int]], pad_id: int, 
 
 def evaluate_tokens(model: nn.Module, batch: Batch, value_head: ValueHead | None = None, temperature: float = 1.0):
     """(log π of each answer token, entropy per position, values or None), all (B, T)."""
+    # the LM head on the answer positions only, where the model takes per-row positions (no (B, L, V) tensor)
+    keep = supports_logits_to_keep(model, per_row=True)
+    kept = {"logits_to_keep": batch.positions} if keep else {}
     out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                output_hidden_states=value_head is not None)  # fmt: skip
+                output_hidden_states=value_head is not None, **kept)  # fmt: skip
     rows = torch.arange(batch.input_ids.shape[0], device=batch.input_ids.device)[:, None]
-    logits = out.logits[rows, batch.positions].float()  # (B, T, V): only the answer positions
+    logits = (out.logits if keep else out.logits[rows, batch.positions]).float()  # (B, T, V)
     if temperature != 1.0:
         logits = logits / temperature
     logprobs = F.log_softmax(logits, dim=-1)

@@ -18,7 +18,10 @@ from steerlm import attributes
 from steerlm.data import templates
 from steerlm.data.preferences import read_prompts
 from steerlm.data.records import ASSISTANT, Record, Turn, read_records, training_prompts, val_records_file
-from steerlm.metrics import spearman
+from steerlm.metrics import bootstrap_ci, spearman
+
+#: Resamples of the prompts behind `AttributeResult.spearman_ci` (seeded: a check prints the same interval again).
+CI_RESAMPLES = 1000
 
 
 @dataclass
@@ -35,6 +38,9 @@ class AttributeResult:
     monotone_steps: int
     """How many consecutive pairs of requested levels raise the mean measured level."""
     answers: dict[int, list[str]] = field(default_factory=dict)
+    spearman_ci: list[float] | None = None
+    """95 % percentile bootstrap interval of `spearman` over the prompts (each resampled prompt brings its answers
+    at every level): how far another draw of as many prompts could move it. None when not computed."""
 
     def to_json(self) -> dict:
         return {k: v for k, v in self.__dict__.items()}
@@ -83,10 +89,24 @@ def measure_attribute(generator, apm, prompts: Sequence[Record], attribute: str,
         requested=list(levels),
         measured_mean=[round(m, 3) for m in means],
         spearman=spearman(tags, measured),
+        spearman_ci=prompt_interval(levels, np.asarray(measured).reshape(len(levels), len(prompts)).T),
         slope=None if slope is None else round(slope, 4),
         monotone_steps=sum(b > a + 1e-6 for a, b in zip(means, means[1:], strict=False)),
         answers={lv: [a for a, t in zip(answers, tags, strict=True) if t == lv] for lv in levels},
     )
+
+
+def prompt_interval(levels: Sequence[int], measured: np.ndarray) -> list[float] | None:
+    """The 95 % bootstrap interval over prompts (`metrics.bootstrap_ci`, `CI_RESAMPLES`, seed 0) of the Spearman
+    between requested and measured level. `measured` is (prompts, levels): row p holds prompt p's measured level at
+    each of `levels`. None with fewer than 2 prompts or when resamples leave Spearman undefined."""
+
+    def rho(rows: np.ndarray) -> float:
+        value = spearman(np.tile(levels, len(rows)).tolist(), rows.ravel().tolist())
+        return float("nan") if value is None else value
+
+    ci = bootstrap_ci(measured, rho, CI_RESAMPLES, 0.95, seed=0)
+    return None if ci is None else [round(ci[0], 3), round(ci[1], 3)]
 
 
 def format_table(results: Sequence[AttributeResult]) -> str:
@@ -95,6 +115,8 @@ def format_table(results: Sequence[AttributeResult]) -> str:
     for r in results:
         cells = "  ".join(f"{lv}->{m:.2f}" for lv, m in zip(r.requested, r.measured_mean, strict=True))
         rho = "n/a" if r.spearman is None else f"{r.spearman:+.3f}"
+        if r.spearman_ci is not None:
+            rho += f" (95% CI over prompts {r.spearman_ci[0]:+.2f}..{r.spearman_ci[1]:+.2f})"
         slope = "n/a" if r.slope is None else f"{r.slope:+.3f}"
         steps = f"{r.monotone_steps}/{len(r.requested) - 1}"
         lines.append(f"  {r.attribute:<12} {cells}   spearman {rho}  slope {slope}  monotone {steps}")
@@ -212,7 +234,9 @@ def plot_results(results: Sequence[AttributeResult], path, title: str = "") -> N
         lo, hi = min(r.requested), max(r.requested)
         ax.plot([lo, hi], [lo, hi], ":", color="gray", label="requested")
         rho = "n/a" if r.spearman is None else f"{r.spearman:+.2f}"
-        ax.set_title(f"{r.attribute} (Spearman {rho})")
+        if r.spearman_ci is not None:
+            rho += f", 95% CI {r.spearman_ci[0]:+.2f}..{r.spearman_ci[1]:+.2f}"
+        ax.set_title(f"{r.attribute} (Spearman {rho})", fontsize=9)
         ax.set_xlabel("requested level")
         ax.set_ylabel("measured level")
         ax.set_xticks(r.requested)

@@ -9,6 +9,9 @@ flash-attention takes the same boundaries as varlen lengths. Hence `model_inputs
 
 from __future__ import annotations
 
+import inspect
+import sys
+
 import torch
 
 from steerlm.data.templates import IGNORE_INDEX
@@ -89,6 +92,22 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict:
     if "position_ids" in batch:
         return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+def supports_logits_to_keep(model, per_row: bool = False) -> bool:
+    """Whether `model`'s forward (under DDP/FSDP and PEFT wrappers) takes transformers' `logits_to_keep`: the LM head
+    on the last positions only (an int) or, with `per_row`, on chosen positions of each row (a (B, T) bool mask, or
+    (B, N) positions). The per-row forms are those of `transformers.modeling_utils.slice_logits_to_keep`, so a model
+    whose module does not use that function (an older one slicing every row alike) is answered False."""
+    while hasattr(model, "module"):  # DistributedDataParallel, FSDP
+        model = model.module
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        if "logits_to_keep" not in inspect.signature(base.forward).parameters:
+            return False
+    except (TypeError, ValueError):
+        return False
+    return not per_row or hasattr(sys.modules.get(type(base).__module__), "slice_logits_to_keep")
 
 
 def n_tokens(batch: dict[str, torch.Tensor]) -> int:

@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
-from scipy import stats
 
 from steerlm import config as config_lib
 from steerlm.evaluation.cache import CACHE, VERDICTS
 from steerlm.evaluation.judging import judge_id
 from steerlm.evaluation.planning import Job, Prompt, schema_of
+from steerlm.metrics import bootstrap_ci
 from steerlm.steerability import AttributeResult, summarize_measurements
 
 if TYPE_CHECKING:  # the settings live in the stage module, which imports this one
@@ -34,25 +33,6 @@ ABLATION_ROWS: tuple[tuple[str, str, float], ...] = (
     ("hh_rlhf", "+ HH-RLHF (and self-identification) data", 103.7),
     ("bootstrap", "+ bootstrapping", 104.2),
 )
-
-
-def bootstrap_ci(rows: np.ndarray, stat: Callable[[np.ndarray], float | np.ndarray], n: int, confidence: float,
-                 seed: int) -> tuple[float, float] | tuple[np.ndarray, np.ndarray] | None:  # fmt: skip
-    """Percentile interval at `confidence` of `stat` over `n` resamples (with replacement) of `rows`, one row per
-    prompt (`scipy.stats.bootstrap`, seeded with `seed`): prompts are the unit of sampling, so both orders of a
-    comparison stay together. (low, high) as floats, or as arrays of `stat`'s shape when it returns an array (one
-    interval per entry). None with < 2 rows or n = 0, or when the interval is not finite."""
-    rows = np.asarray(rows, dtype=np.float64)
-    if len(rows) < 2 or n <= 0:
-        return None
-    # Resampling the row indices keeps each row (a prompt) whole, whatever `stat` does with its columns.
-    with np.errstate(divide="ignore", invalid="ignore"):
-        res = stats.bootstrap((np.arange(len(rows)),), lambda i: stat(rows[i]), n_resamples=n, rng=seed,
-                              confidence_level=confidence, method="percentile", vectorized=False)  # fmt: skip
-    lo, hi = res.confidence_interval
-    if not (np.all(np.isfinite(lo)) and np.all(np.isfinite(hi))):
-        return None
-    return (float(lo), float(hi)) if np.ndim(lo) == 0 else (np.asarray(lo), np.asarray(hi))
 
 
 def bradley_terry(wins: np.ndarray, prior: float = 0.5, iterations: int = 10_000, tol: float = 1e-10) -> np.ndarray:

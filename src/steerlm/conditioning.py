@@ -104,7 +104,7 @@ class ConditioningLossArgs:
             raise ValueError(f"shares must be finite numbers >= 0, not {', '.join(bad)}")
         if self.shares and self.corrupt != "one":
             raise ValueError("shares apply to corrupt='one' (one attribute moves per pair)")
-        if self.attributes and not any(self.shares.get(n, 1.0) > 0 for n in self.attributes):
+        if self.attributes and not any(can_move(n, self.attributes, self.shares) for n in self.attributes):
             raise ValueError("shares leave none of attributes to move")
         outside = [k for k in self.shares if self.attributes and k not in self.attributes]
         if outside:
@@ -222,6 +222,12 @@ def oversample_copies(records: list[Record], schema: AttributeSchema, max_copies
 # ---------------------------------------------------------------- corrupted attribute strings
 
 
+def can_move(name: str, movable: Sequence[str] = (), shares: Mapping[str, float] | None = None) -> bool:
+    """Whether a corrupted line may move attribute `name`: it is in `movable` (every attribute when empty) and its
+    share (`ConditioningLossArgs.shares`, default 1) is above 0."""
+    return (not movable or name in movable) and (shares or {}).get(name, 1.0) > 0
+
+
 def corrupt_levels(levels: dict[str, int], max_level: int, rng: random.Random, power: float = 1.0,
                    mode: str = "one", movable: Sequence[str] = (),
                    shares: Mapping[str, float] | None = None) -> dict[str, int]:  # fmt: skip
@@ -231,7 +237,7 @@ def corrupt_levels(levels: dict[str, int], max_level: int, rng: random.Random, p
     given. Raises ValueError when nothing can move (no attribute, none of `movable` in `levels` with a share above 0,
     or a schema with one level)."""
     shares = shares or {}
-    names = sorted(n for n in levels if (not movable or n in movable) and shares.get(n, 1.0) > 0)
+    names = sorted(n for n in levels if can_move(n, movable, shares))
     if not names or max_level < 1:
         raise ValueError("nothing to corrupt: no attribute, or only one level")
     if mode == "each":
@@ -254,7 +260,6 @@ def corrupt_records(records: Sequence[Record], schema: AttributeSchema, seed: in
     (`corrupt_levels`, seeded by `seed` and the record's position; only `movable` attributes move when given, in
     proportion to `shares` when given); None where no trained turn has a label among them (label dropout, or
     unlabelled data) — such records get no discriminative term."""
-    shares = shares or {}
     rng = random.Random(seed * 104_729 + 3)
     out: list[Record | None] = []
     for r in records:
@@ -262,7 +267,7 @@ def corrupt_records(records: Sequence[Record], schema: AttributeSchema, seed: in
         for j in trained_turns(r):
             label = r.conversations[j].label
             levels = schema.parse(label) if label else {}
-            if any((not movable or n in movable) and shares.get(n, 1.0) > 0 for n in levels):
+            if any(can_move(n, movable, shares) for n in levels):
                 new[j] = schema.render(corrupt_levels(levels, schema.max_level, rng, power, mode, movable, shares))
         out.append(_copy(r, new) if new else None)
     return out
@@ -335,13 +340,11 @@ def token_nll(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     (vocabulary)-wide logits, which are a fifth of a 135M model's forward FLOPs; the loss is the same."""
     labels = batch["labels"][:, 1:]
     mask = labels != templates.IGNORE_INDEX
-    if not supports_logits_to_keep(model, per_row=True):
-        logits = model(**model_inputs(batch)).logits
-        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
-                              ignore_index=templates.IGNORE_INDEX, reduction="none").view(labels.shape)  # fmt: skip
-        return nll, mask
     keep = F.pad(mask, (0, 1))  # (R, T): the last position predicts nothing
-    logits = model(**model_inputs(batch), logits_to_keep=keep).logits  # (labelled tokens, V)
+    if supports_logits_to_keep(model, per_row=True):
+        logits = model(**model_inputs(batch), logits_to_keep=keep).logits  # (labelled tokens, V)
+    else:
+        logits = model(**model_inputs(batch)).logits[keep]  # the same rows, in the same (row-major) order
     nll = torch.zeros(labels.shape, dtype=torch.float32, device=logits.device)
     return nll.masked_scatter(mask, F.cross_entropy(logits.float(), labels[mask], reduction="none")), mask
 

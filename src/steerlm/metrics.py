@@ -61,8 +61,9 @@ def bootstrap_ci(rows: np.ndarray, stat: Callable[[np.ndarray], float | np.ndarr
                  seed: int) -> tuple[float, float] | tuple[np.ndarray, np.ndarray] | None:  # fmt: skip
     """Percentile interval at `confidence` of `stat` over `n` resamples (with replacement) of `rows`, one row per
     prompt (`scipy.stats.bootstrap`, seeded with `seed`): prompts are the unit of sampling, so all a prompt gives
-    (both orders of a comparison, its answers at every level of a check) stays together. (low, high) as floats, or as arrays of `stat`'s shape when it returns an array (one
-    interval per entry). None with < 2 rows or n = 0, or when the interval is not finite."""
+    (both orders of a comparison, its answers at every level of a check) stays together. (low, high) as floats, or
+    as arrays of `stat`'s shape when it returns an array (one interval per entry). None with < 2 rows or n = 0, or
+    when the interval is not finite."""
     rows = np.asarray(rows, dtype=np.float64)
     if len(rows) < 2 or n <= 0:
         return None

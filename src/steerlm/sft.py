@@ -425,7 +425,7 @@ def run(cfg: Config) -> tuple[dict, torch.nn.Module]:
             if unknown:
                 raise UserError(f"{unknown[0]!r} is not in the attribute line ({', '.join(schema.names)})",
                                 field=f"conditioning_loss.{name}")  # fmt: skip
-        if not any(shares.get(n, 1.0) > 0 for n in movable or schema.names):
+        if not any(conditioning.can_move(n, movable, shares) for n in schema.names):
             raise UserError("every attribute has share 0: nothing to contrast", field="conditioning_loss.shares")
         twins = conditioning.corrupt_records([plan_records[i] for i in kept], schema, cfg.train.seed,
                                              cfg.conditioning_loss.distance_power, cfg.conditioning_loss.corrupt,

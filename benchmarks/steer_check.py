@@ -2,6 +2,8 @@
 
     python benchmarks/steer_check.py --model runs/steer/sft/best --apm runs/steer/apm/best --data runs/steer/data
     python benchmarks/steer_check.py --model runs/steer/sft/best --attributes verbosity --scales 1,2,3
+    python benchmarks/steer_check.py --model runs/steer/sft/best --data runs/steer/data --attributes verbosity --scales 2 \
+        --reference middle --plausibility 0   # guidance without its plausibility constraint
 
 Held-out prompts (the validation split's) are answered at each requested level of one attribute at a time (the others
 at their defaults), at every guidance scale, with the same seeds. Computed attributes (verbosity) are measured by
@@ -16,7 +18,7 @@ import json
 import time
 from pathlib import Path
 
-from steerlm.attributes import parse_assignment
+from steerlm.attributes import GUIDANCE_PLAUSIBILITY, GUIDANCE_REFERENCE_PLAUSIBILITY, parse_assignment
 from steerlm.generator import Generator, SamplingArgs
 from steerlm.steerability import (
     file_prompts,
@@ -39,6 +41,18 @@ def main() -> None:
     parser.add_argument("--levels", default="0,9", help="requested levels")
     parser.add_argument("--scales", default="1,3", help="guidance scales")
     parser.add_argument("--reference", default="", help="neutral attribute string of guidance ('' = unconditional)")
+    parser.add_argument(
+        "--plausibility",
+        type=float,
+        default=GUIDANCE_PLAUSIBILITY,
+        help="guidance's plausibility constraint under the requested condition (0: off)",
+    )
+    parser.add_argument(
+        "--reference_plausibility",
+        type=float,
+        default=GUIDANCE_REFERENCE_PLAUSIBILITY,
+        help="the same under the neutral condition (0: off)",
+    )
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--max_new_tokens", type=int, default=96)
     parser.add_argument("--temperature", type=float, default=0.7)
@@ -63,11 +77,15 @@ def main() -> None:
         prompts = held_out_prompts(data, args.prompts, args.seed)
     levels = [int(x) for x in args.levels.split(",")]
     report: dict = {"model": args.model, "apm": args.apm, "levels": levels, "prompts": len(prompts),
-                    "reference": args.reference, "dtype": args.dtype, "batch_size": args.batch_size,
+                    "reference": args.reference, "plausibility": args.plausibility,
+                    "reference_plausibility": args.reference_plausibility, "dtype": args.dtype,
+                    "batch_size": args.batch_size,
                     "scales": {}}  # fmt: skip
     for scale in [float(x) for x in args.scales.split(",")]:
         sampling = SamplingArgs(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
-                                guidance_scale=scale, guidance_reference=args.reference)  # fmt: skip
+                                guidance_scale=scale, guidance_reference=args.reference,
+                                guidance_plausibility=args.plausibility,
+                                guidance_reference_plausibility=args.reference_plausibility)  # fmt: skip
         results = []
         start = time.time()
         fixed = dict(parse_assignment(a) for a in args.fixed.split(",") if a)

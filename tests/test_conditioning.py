@@ -124,13 +124,18 @@ def test_shares_set_how_often_each_attribute_is_the_one_that_moves():
         conditioning.ConditioningLossArgs(attributes=["verbosity"], shares={"verbosity": 0})
 
 
-def test_twin_rows_never_enter_the_nll_and_the_term_is_the_softplus_of_the_gap():
-    model, tok = models.tiny_causal_lm()
+def twin_batch(tok) -> tuple[list[dict], dict]:
+    """Three synthetic answers with their corrupted twins: the examples and their padded batch (6 rows)."""
     records = synthetic(3, seed=1)
     twins = conditioning.corrupt_records(records, SCHEMA, seed=0)
     examples = [conditioning.pair_example(templates.encode(r, tok, "chat"), templates.encode(t, tok, "chat"))
                 for r, t in zip(records, twins, strict=True)]  # fmt: skip
-    batch = conditioning.collate_pairs(examples, tok.pad_token_id)
+    return examples, conditioning.collate_pairs(examples, tok.pad_token_id)
+
+
+def test_twin_rows_never_enter_the_nll_and_the_term_is_the_softplus_of_the_gap():
+    model, tok = models.tiny_causal_lm()
+    examples, batch = twin_batch(tok)
     assert batch["input_ids"].shape[0] == 6 and batch["pair_of"].tolist() == [-1, -1, -1, 0, 1, 2]
     plain = conditioning.collate_pairs(
         [{k: e[k] for k in ("input_ids", "labels")} for e in examples], tok.pad_token_id
@@ -155,6 +160,26 @@ def test_twin_rows_never_enter_the_nll_and_the_term_is_the_softplus_of_the_gap()
     expected = torch.nn.functional.softplus(30.0 * (per_token[3:] - per_token[:3])).mean()
     assert torch.allclose(normalised, reference + 2.0 * expected, atol=1e-5)
     assert m2["disc_acc"] == m1["disc_acc"]  # the same pairs are right: normalising by equal lengths keeps the sign
+
+
+def test_the_clipped_gap_caps_each_tokens_share_and_is_the_plain_term_when_nothing_reaches_the_clip():
+    model, tok = models.tiny_causal_lm()
+    _, batch = twin_batch(tok)
+    with torch.no_grad():
+        nll, mask = conditioning.token_nll(model, batch)
+        for reduce in ("sum", "mean"):
+            plain, _ = conditioning.conditioned_lm_loss(model, batch, weight=2.0, reduce=reduce, scale=3.0)
+            wide, _ = conditioning.conditioned_lm_loss(model, batch, weight=2.0, reduce=reduce, scale=3.0,
+                                                       gap_clip=1e6)  # fmt: skip
+            torch.testing.assert_close(wide, plain, rtol=1e-5, atol=1e-5)  # summation order only
+        clipped, metrics = conditioning.conditioned_lm_loss(model, batch, weight=2.0, reduce="mean", gap_clip=1e-3)
+    # by hand: token t of pair i adds max(log p(t | corrupted) - log p(t | true), -0.001), averaged over the answer
+    gaps = [nll[i][mask[i]] - nll[3 + i][mask[3 + i]] for i in range(3)]  # the twin's tokens are its true row's
+    expected = torch.stack([torch.nn.functional.softplus(g.clamp(min=-1e-3).mean()) for g in gaps]).mean()
+    torch.testing.assert_close(clipped, metrics["nll"] + 2.0 * expected)
+    assert any(bool((g < -1e-3).any()) for g in gaps)  # the clip is reached, so it changed the term
+    with pytest.raises(ValueError, match="gap_clip"):
+        conditioning.ConditioningLossArgs(gap_clip=-1)
 
 
 def test_align_trained_cuts_both_to_the_same_answer_tokens():
@@ -246,6 +271,7 @@ def test_sft_logs_the_readout_and_the_discriminative_term(tmp_path):
         "shares": {},
         "reduce": "sum",
         "scale": 1.0,
+        "gap_clip": 0.0,
     }
     # the command: any SteerLM model and a records file
     report = tmp_path / "readout.json"

@@ -11,7 +11,7 @@ import torch
 from steerlm import cli, conditioning, models, sft
 from steerlm.attributes import AttributeSchema
 from steerlm.data import templates
-from steerlm.data.collate import collate_packed, example_sums, n_tokens, pack_rows
+from steerlm.data.collate import collate_packed, example_sums, example_tokens, n_tokens, pack_rows
 from steerlm.data.records import write_records
 from steerlm.errors import UserError
 
@@ -89,6 +89,30 @@ def test_packed_and_padded_batches_give_the_same_per_example_losses(examples):
         leaky = dict(packed, position_ids=torch.arange(packed["input_ids"].shape[1]).expand_as(packed["input_ids"]))
         leak = (_per_example(model, leaky)[0] - sums_pad).abs().max()
         assert leak > 100 * (sums_pack - sums_pad).abs().max() and leak > 0.1
+
+
+def test_example_tokens_lists_each_examples_masked_values_in_order_padded_or_packed(examples):
+    exs, pad_id = examples
+    model, _ = models.tiny_causal_lm()
+    model.eval()
+    lists = []
+    for capacity in (0, CAPACITY):
+        batch = conditioning.collate_pairs(exs, pad_id, capacity)
+        with torch.no_grad():
+            nll, mask = conditioning.token_nll(model, batch)
+        per = example_tokens(nll, mask, batch)
+        counts = example_sums(mask.float(), batch)
+        torch.testing.assert_close(per.sum(1), example_sums(nll * mask, batch))
+        assert per.shape == (len(counts), int(counts.max()))
+        assert all(bool((row[int(n) :] == 0).all()) for row, n in zip(per, counts, strict=True))
+        lists.append([row[: int(n)] for row, n in zip(per, counts, strict=True)])
+    if "seq_idx" not in conditioning.collate_pairs(exs, pad_id):  # padded: row e is example e, in token order
+        batch = conditioning.collate_pairs(exs, pad_id)
+        with torch.no_grad():
+            nll, mask = conditioning.token_nll(model, batch)
+        assert torch.equal(example_tokens(nll, mask, batch)[1][: int(mask[1].sum())], nll[1][mask[1]])
+    for a, b in zip(*lists, strict=True):  # the same tokens in the same order, packed or not
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
 
 
 def test_the_discriminative_term_and_its_gradients_are_the_same_packed(examples):

@@ -78,14 +78,17 @@ def test_check_guides_against_its_reference(tiny_run, tmp_path, monkeypatch):
     measure = steerability.measure_attribute
 
     def spy(generator, apm, prompts, attribute, levels, sampling, **kwargs):
-        seen.append((sampling.guidance_scale, sampling.guidance_reference))
+        seen.append((sampling.guidance_scale, sampling.guidance_reference, sampling.guidance_plausibility,
+                     sampling.guidance_reference_plausibility))  # fmt: skip
         return measure(generator, apm, prompts, attribute, levels, sampling, **kwargs)
 
     monkeypatch.setattr(steerability, "measure_attribute", spy)
     check = pipeline.CheckArgs(attributes=["verbosity"], levels_for={"verbosity": [0, 9]}, num_prompts=2,
-                               max_new_tokens=4, guidance_scale=2.0, guidance_reference="middle")  # fmt: skip
+                               max_new_tokens=4, guidance_scale=2.0, guidance_reference="middle",
+                               guidance_plausibility=0.2)  # fmt: skip
     report = pipeline.run_check(str(out / "sft" / "best"), str(out / "apm" / "best"), out / "data", check, tmp_path)
-    assert seen == [(2.0, "middle")]
+    assert seen == [(2.0, "middle", 0.2, 0.01)]
+    assert (report["guidance_plausibility"], report["guidance_reference_plausibility"]) == (0.2, 0.01)
     assert report["guidance_reference"] == "middle"
     assert report["table"].startswith("guidance scale 2 against 'middle', 2 held-out prompts")
     with pytest.raises(ValueError, match="guidance_reference must be"):
@@ -102,6 +105,10 @@ def test_the_printed_serve_command_carries_the_checks_guidance():
     _, _, overrides, _ = cli.parse_args(line.split()[2:], lists, bools, multi)
     cfg = config.load(serve.Config, overrides=overrides)  # the CLI's own loader takes it
     assert (cfg.guidance_scale, cfg.guidance_reference) == (2.0, "middle")
+    loose = pipeline.CheckArgs(guidance_scale=2.0, guidance_reference="middle", guidance_plausibility=0)
+    assert pipeline.serve_command("m", "a", loose).endswith("--guidance_reference=middle --guidance_plausibility=0")
+    with pytest.raises(ValueError, match="guidance_reference_plausibility must be in"):
+        pipeline.CheckArgs(guidance_reference_plausibility=1.5)
     assert (
         pipeline.serve_command("my runs/m", "a", pipeline.CheckArgs()) == "steerlm serve '--model=my runs/m' --apm=a"
     )

@@ -309,6 +309,14 @@ BAD = [
     ("POST", "/v1/chat/completions", {"messages": msgs("word " * 700)}, 422, "at most 600"),
     ("POST", "/v1/chat/completions", {"messages": msgs("x" * 60_000)}, 413, "too large"),
     ("POST", "/v1/chat/completions", {"messages": msgs(), "guidance_scale": 101}, 422, "guidance_scale"),
+    ("POST", "/v1/chat/completions", {"messages": msgs(), "guidance_plausibility": 1}, 422, "guidance_plausibility"),
+    (
+        "POST",
+        "/v1/chat/completions",
+        {"messages": msgs(), "guidance_reference_plausibility": -0.5},
+        422,
+        "guidance_reference_plausibility",
+    ),
     (
         "POST",
         "/v1/chat/completions",
@@ -508,6 +516,8 @@ def test_server_defaults_are_validated(model_dir, generator):
         Config(model=str(model_dir), guidance_scale=-1)
     with pytest.raises(ValueError, match="guidance_scale must be in"):
         Config(model=str(model_dir), guidance_scale=MAX_GUIDANCE_SCALE + 1)
+    with pytest.raises(ValueError, match="guidance_plausibility must be in"):
+        Config(model=str(model_dir), guidance_plausibility=1)
     plain = Generator.load("tiny-lm")
     with pytest.raises(UserError, match="takes no attribute guidance"):
         create_app(Config(model="tiny-lm", guidance_scale=2), generator=plain)
@@ -519,7 +529,8 @@ def test_server_guidance_defaults_apply_to_steered_requests_only(model_dir, gene
     cfg = Config(model=str(model_dir), guidance_scale=5, guidance_reference="middle")
     with running(cfg, generator) as live:
         client = openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0, timeout=60)
-        assert client.models.list().data[0].model_dump()["default_guidance"] == {"scale": 5.0, "reference": "middle"}
+        assert client.models.list().data[0].model_dump()["default_guidance"] == {
+            "scale": 5.0, "reference": "middle", "plausibility": 0.1, "reference_plausibility": 0.01}  # fmt: skip
 
         def answer(**extra):
             resp = client.chat.completions.create(model="sft/best", messages=msgs("Hi"), max_tokens=12, temperature=0,
@@ -542,6 +553,11 @@ def test_server_guidance_defaults_apply_to_steered_requests_only(model_dir, gene
         assert answer(guidance_scale=5) == answer()
         unconditional = SamplingArgs(max_new_tokens=12, greedy=True, guidance_scale=5.0)
         assert answer(guidance_reference="") == generator.generate(["Hi"], {"humor": 0}, unconditional)[0]
+        # ... and so do the plausibility constraints: a request may turn them off
+        loose = SamplingArgs(max_new_tokens=12, greedy=True, guidance_scale=5.0, guidance_reference="humor:4",
+                             guidance_plausibility=0, guidance_reference_plausibility=0)  # fmt: skip
+        off = answer(guidance_plausibility=0, guidance_reference_plausibility=0)
+        assert off == generator.generate(["Hi"], {"humor": 0}, loose)[0]
 
 
 def test_concurrent_requests_share_batches_and_keep_answers(server, client):

@@ -168,16 +168,65 @@ def test_guidance_mixing_formula():
     assert SamplingArgs(guidance_scale=MAX_GUIDANCE_SCALE).guidance_scale == MAX_GUIDANCE_SCALE
 
 
+def test_plausibility_constraint_keeps_tokens_plausible_under_both_conditions():
+    inf = float("inf")
+    # requested log-probs (up to a shift): 0, -1, -5, -3; neutral: 0, -9, -1, -1
+    requested = torch.tensor([[0.0, -1.0, -5.0, -3.0]])
+    neutral = torch.tensor([[0.0, -9.0, -1.0, -1.0]])
+    mixed = guide(requested, neutral, 2.0)
+    assert torch.equal(guide(requested, neutral, 2.0, 0.0, 0.0), mixed)  # 0 cuts nothing
+    # alpha 0.1 under the request (ln 0.1 = -2.3) cuts tokens 2 and 3 ...
+    assert torch.equal(guide(requested, neutral, 2.0, 0.1), torch.tensor([[0.0, 7.0, -inf, -inf]]))
+    # ... and 0.001 under the reference (ln = -6.9) also cuts token 1, which the mix favoured most (+7)
+    assert torch.equal(guide(requested, neutral, 2.0, 0.1, 0.001), torch.tensor([[0.0, -inf, -inf, -inf]]))
+    assert torch.equal(guide(requested, neutral, 2.0, 0.0, 0.001), torch.tensor([[0.0, -inf, -9.0, -5.0]]))
+    # where no token passes both, the requested condition's test alone decides
+    disjoint = torch.tensor([[-9.0, -9.0, 0.0, -9.0]])  # its one plausible token is cut under the request
+    assert torch.equal(guide(requested, disjoint, 2.0, 0.1, 0.5), guide(requested, disjoint, 2.0, 0.1))
+    # per-row values, a row at 0 untouched
+    rows = guide(requested.repeat(2, 1), neutral.repeat(2, 1), 2.0, torch.tensor([[0.1], [0.0]]))
+    assert torch.equal(rows[0], guide(requested, neutral, 2.0, 0.1)[0]) and torch.equal(rows[1], mixed[0])
+    for name in ("guidance_plausibility", "guidance_reference_plausibility"):
+        for bad in (-0.1, 1.0):
+            with pytest.raises(ValueError, match=name):
+                SamplingArgs(**{name: bad})
+
+
+def test_plausibility_near_one_samples_the_requested_conditions_top_token(lm):
+    """With alpha just below 1 only the requested condition's most likely token survives, whatever the guidance
+    scale and sampling do to the rest: guided, sampled answers are the plain greedy ones."""
+    gen = Generator(*lm, schema=SCHEMA, template="chat", conditioning="attributes")
+    attrs = [{"humor": 9}, {"quality": 2}, {}, {"humor": 4}]
+    plain = gen.generate(PROMPTS, attrs, GREEDY, batch_size=3)
+    pinned = replace(GREEDY, greedy=False, temperature=1.5, seed=3, guidance_scale=4.0, guidance_plausibility=0.999,
+                     guidance_reference_plausibility=0.0)  # fmt: skip
+    assert gen.generate(PROMPTS, attrs, pinned, batch_size=3) == plain
+    loose = replace(pinned, guidance_plausibility=0.0)
+    assert gen.generate(PROMPTS, attrs, loose, batch_size=3) != plain
+
+
+def test_a_conditioned_chat_model_stops_at_an_attribute_marker(lm):
+    """An answer never holds the attribute marker: a chat model that writes one has begun another turn's line."""
+    chat = Generator(*lm, schema=SCHEMA, template="chat", conditioning="attributes")
+    assert templates.ATTR_MARKER in chat.stop_strings(GREEDY)
+    assert templates.ATTR_MARKER not in chat.stop_strings(GREEDY, raw=True)
+    assert templates.ATTR_MARKER not in Generator(*lm, template="chat").stop_strings(GREEDY)
+    assert chat.stop_strings(GREEDY) == templates.stop_strings("chat", lm[1]) + [templates.ATTR_MARKER]
+    nemo = Generator(*lm, schema=SCHEMA, template="nemo", conditioning="attributes")
+    assert nemo.stop_strings(GREEDY) == [templates.T]
+
+
 def test_guidance_at_scale_one_is_plain_generation(lm):
     gen = Generator(*lm, schema=SCHEMA, template="chat", conditioning="attributes")
     attrs = [{"humor": 9}, {"quality": 2}, {}, {"humor": 4}]
     plain = gen.generate(PROMPTS, attrs, GREEDY, batch_size=3)
     assert not gen.guided(replace(GREEDY, guidance_scale=1.0))
     assert gen.generate(PROMPTS, attrs, replace(GREEDY, guidance_scale=1.0), batch_size=3) == plain
-    # the two-prompt path itself, forced at s = 1, picks the same tokens
+    # the two-prompt path itself, forced at s = 1 (and no plausibility constraint), picks the same tokens
     prompts = [gen.prompt_ids(p, a) for p, a in zip(PROMPTS, attrs, strict=True)]
     neutral = [gen.neutral_ids(p, GREEDY) for p in PROMPTS]
-    forced = gen.generate_ids(prompts, replace(GREEDY, guidance_scale=1.0), batch_size=3, neutral=neutral)
+    unconstrained = replace(GREEDY, guidance_scale=1.0, guidance_plausibility=0, guidance_reference_plausibility=0)
+    forced = gen.generate_ids(prompts, unconstrained, batch_size=3, neutral=neutral)
     assert [g.text for g in forced] == plain
     # s != 1 changes answers; batched equals one at a time; streaming equals generate
     guided = replace(GREEDY, guidance_scale=4.0)

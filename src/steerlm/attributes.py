@@ -61,6 +61,18 @@ MAX_BY_DEFAULT = ("quality", "helpfulness", "correctness", "coherence")
 #: The guidance reference (`SamplingArgs.guidance_reference`) that moves the request's own attributes to
 #: `AttributeSchema.middle_level`.
 MIDDLE = "middle"
+#: Default plausibility constraints of guided decoding under the requested and the neutral condition
+#: (`batching.guide`): SamplingArgs', `steerlm serve`'s and the pipeline check's (docs/steering.md).
+GUIDANCE_PLAUSIBILITY, GUIDANCE_REFERENCE_PLAUSIBILITY = 0.1, 0.01
+
+
+def check_plausibility(name: str, alpha: float) -> None:
+    """The one check of a configured guidance plausibility (`guidance_plausibility`, `guidance_reference_plausibility`
+    of SamplingArgs, `steerlm serve` and the pipeline check): ValueError naming `name` outside [0, 1). A request's
+    schema bounds them the same way."""
+    if not 0 <= alpha < 1:
+        raise ValueError(f"{name} must be in [0, 1), not {alpha}")
+
 
 #: Every attribute name steerlm knows, in canonical order (the OASST, paper and HelpSteer sets).
 CATALOGUE = STEERABLE + tuple(n for n in HELPSTEER if n not in STEERABLE)

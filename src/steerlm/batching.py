@@ -330,9 +330,9 @@ class Engine:
         if batch.mix is None:
             next_ids = sample(batch.logits, rows, self.eos_ids)
         else:  # a guided row samples from the mix of its and its shadow's logits, and its shadow is fed its token
-            m, partner, m_at, partner_at, scales, guided = batch.mix
+            m, partner, m_at, partner_at, scales, alphas, guided = batch.mix
             requested = batch.logits.index_select(0, m_at)
-            mixed = guide(requested, batch.logits.index_select(0, partner_at), scales)
+            mixed = guide(requested, batch.logits.index_select(0, partner_at), scales, *alphas)
             if guided is not None:  # unguided rows keep their own logits
                 mixed = torch.where(guided, mixed, requested)
             chosen = sample(mixed, [rows[i] for i in mains], self.eos_ids)
@@ -445,9 +445,10 @@ class _Batch:
     @cached_property
     def mix(self) -> tuple[torch.Tensor, ...] | None:
         """None when no row is guided; else, per row of `mains`: its position and its partner's (its shadow, or
-        itself when unguided), on the CPU and on the logits' device; its guidance scale, (rows, 1); and whether it is
-        guided, (rows, 1; None when all are). Computed once per batch (rows change only by `select` and `_merge`,
-        which make new batches), as index tensors: indexing with Python lists costs as much as a tiny model's step."""
+        itself when unguided), on the CPU and on the logits' device; its guidance scale, (rows, 1); its two
+        plausibilities (each (rows, 1), or 0.0 when no row sets it); and whether it is guided, (rows, 1; None when
+        all are). Computed once per batch (rows change only by `select` and `_merge`, which make new batches), as
+        index tensors: indexing with Python lists costs as much as a tiny model's step."""
         if len(self.mains) == len(self.rows):
             return None
         where = {id(r): i for i, r in enumerate(self.rows)}
@@ -455,13 +456,21 @@ class _Batch:
         m = torch.tensor(self.mains)
         partner = torch.tensor([i if s is None else where[id(s)] for i, s in zip(self.mains, shadows, strict=True)])
         dev = self.logits.device
-        scales = [self.rows[i].sampling.guidance_scale for i in self.mains]
+        samplings = [self.rows[i].sampling for i in self.mains]
+        scales = [s.guidance_scale for s in samplings]
+        alphas = tuple(
+            torch.tensor(a, device=dev)[:, None] if any(a) else 0.0
+            for a in (
+                [s.guidance_plausibility for s in samplings],
+                [s.guidance_reference_plausibility for s in samplings],
+            )
+        )
         guided = (
             None
             if all(s is not None for s in shadows)
             else torch.tensor([s is not None for s in shadows], device=dev)[:, None]
         )
-        return m, partner, m.to(dev), partner.to(dev), torch.tensor(scales, device=dev)[:, None], guided
+        return m, partner, m.to(dev), partner.to(dev), torch.tensor(scales, device=dev)[:, None], alphas, guided
 
     def select(self, keep: list[int]) -> _Batch:
         index = torch.tensor(keep, device=self.mask.device)
@@ -636,12 +645,36 @@ def _filter(scaled: torch.Tensor, probs: torch.Tensor, ks: list[int], ps: list[f
     return cand, ids, keep.sum(-1).tolist(), whole
 
 
-def guide(requested: torch.Tensor, neutral: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+def guide(
+    requested: torch.Tensor,
+    neutral: torch.Tensor,
+    scale: float | torch.Tensor,
+    plausibility: float | torch.Tensor = 0.0,
+    reference_plausibility: float | torch.Tensor = 0.0,
+) -> torch.Tensor:
     """Attribute guidance, classifier-free-guidance style (Ho & Salimans 2022; for LMs Sanchez et al. 2023), on the raw
-    logits of a step: l(neutral) + s * (l(requested) - l(neutral)). A per-row constant shift of either side does not
-    change the softmax, so logits and log-probabilities give the same distribution; sampling settings (repetition
-    penalty, temperature, top-k/p) are applied to the mixed logits. `scale`: a number, or (rows, 1)."""
-    return neutral + scale * (requested - neutral)
+    logits (rows, vocab) of a step: l(neutral) + s * (l(requested) - l(neutral)). A per-row constant shift of either
+    side does not change the softmax, so logits and log-probabilities give the same distribution; sampling settings
+    (repetition penalty, temperature, top-k/p) are applied to the mixed logits. `scale`: a number, or (rows, 1).
+
+    The mix favours tokens far likelier under the request than under the reference however unlikely they are under
+    both, and a small model's rare tokens (an echo of the attribute line, a fragment) are where those ratios are
+    largest (docs/steering.md). So a token stays only when its probability is at least `plausibility` times the top
+    token's under the requested condition (the adaptive plausibility constraint of contrastive decoding, Li et al.
+    2023 §3.2) and at least `reference_plausibility` times the top token's under the neutral one; where no token
+    passes both, the requested condition's test alone decides. Each: a number in [0, 1) or (rows, 1); 0 keeps every
+    token."""
+    mixed = neutral + scale * (requested - neutral)
+    if not any(torch.is_tensor(a) or a > 0 for a in (plausibility, reference_plausibility)):
+        return mixed
+
+    def implausible(logits: torch.Tensor, alpha: float | torch.Tensor) -> torch.Tensor:
+        logp = logits.float().log_softmax(-1)  # log 0 = -inf: nothing is cut
+        return logp < logp.max(-1, keepdim=True).values + torch.as_tensor(alpha, device=logp.device).log()
+
+    own = implausible(requested, plausibility)
+    both = own | implausible(neutral, reference_plausibility)
+    return mixed.masked_fill(torch.where(both.all(-1, keepdim=True), own, both), float("-inf"))
 
 
 def sample(logits: torch.Tensor, rows: Sequence[Row], eos_ids: Sequence[int]) -> torch.Tensor:

@@ -39,7 +39,14 @@ import torch.nn.functional as F
 from steerlm import config as config_lib
 from steerlm.attributes import AttributeSchema, LengthBuckets, computed_from_dict, flip_levels, with_computed
 from steerlm.data import templates
-from steerlm.data.collate import collate_packed, example_sums, model_inputs, pad, supports_logits_to_keep
+from steerlm.data.collate import (
+    collate_packed,
+    example_sums,
+    example_tokens,
+    model_inputs,
+    pad,
+    supports_logits_to_keep,
+)
 from steerlm.data.records import ASSISTANT, Record, Turn
 from steerlm.errors import UserError
 
@@ -85,6 +92,12 @@ class ConditioningLossArgs:
     scale: float = 1.0
     """The gap is multiplied by this before the softplus: GeDi's alpha, the sharpness of the class posterior. With
     reduce='mean' the term saturates once the per-token gap reaches a few / scale nats (the flip gap)."""
+    gap_clip: float = 0.0
+    """> 0: each answer token adds at most this many nats (in the true line's favour) to the gap, so the term cannot
+    be met by a few tokens made very unlikely under the corrupted line. Measured on the quickstart (unclipped), the
+    corrupted lines pointed mostly at level 0 and the level-0 line unlearnt an answer's first token (next-token
+    entropy 6.8 nats there against 3.7-4.4 under the other lines), which guidance turned into fragments; clipped at
+    1 nat, level 0 answered (docs/steering.md). 0: no clip."""
 
     def __post_init__(self):
         self.attributes = config_lib.split_names(self.attributes)
@@ -96,6 +109,8 @@ class ConditioningLossArgs:
             raise ValueError(f"scale must be in (0, 1000], not {self.scale}")
         if not (self.weight >= 0 and math.isfinite(self.weight)):
             raise ValueError(f"weight must be a finite number >= 0, not {self.weight}")
+        if not (0 <= self.gap_clip < math.inf):
+            raise ValueError(f"gap_clip must be a finite number >= 0, not {self.gap_clip}")
         if not (0 <= self.distance_power <= 8):
             raise ValueError(f"distance_power must be in [0, 8], not {self.distance_power}")
         bad = [f"{k}: {v}" for k, v in self.shares.items()
@@ -350,12 +365,13 @@ def token_nll(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def conditioned_lm_loss(model, batch: dict, weight: float = 0.0, reduce: str = "sum",
-                        scale: float = 1.0) -> tuple[torch.Tensor, dict]:  # fmt: skip
+                        scale: float = 1.0, gap_clip: float = 0.0) -> tuple[torch.Tensor, dict]:  # fmt: skip
     """SFT loss: mean per-token NLL over the true rows' answer tokens, plus `weight` times the discriminative term
     mean over pairs of softplus(scale * (log p(answer | corrupted) - log p(answer | true))) (GeDi §3.1), log p summed
-    over the answer tokens (`reduce='sum'`) or averaged over them (`'mean'`, GeDi's length normalisation). Twin rows
-    (`pair_of >= 0`) never enter the NLL. Returns (loss, metrics): `nll`, and with twins `disc_loss` and `disc_acc`
-    (share of pairs whose true line is the likelier)."""
+    over the answer tokens (`reduce='sum'`) or averaged over them (`'mean'`, GeDi's length normalisation); with
+    `gap_clip` > 0 each token's share of that difference is clipped below at -gap_clip nats
+    (`ConditioningLossArgs.gap_clip`). Twin rows (`pair_of >= 0`) never enter the NLL. Returns (loss, metrics):
+    `nll`, and with twins `disc_loss` and `disc_acc` (share of pairs whose true line is the likelier)."""
     nll, mask = token_nll(model, batch)
     pair_of = batch.get("pair_of")
     seq_nll = example_sums(nll * mask, batch)  # (R,) summed NLL of each row's (packed: sequence's) answer tokens
@@ -366,8 +382,13 @@ def conditioned_lm_loss(model, batch: dict, weight: float = 0.0, reduce: str = "
     twins = ~true_rows
     if weight <= 0 or not bool(twins.any()):
         return lm, metrics
-    seq_logp = -seq_nll if reduce == "sum" else -seq_nll / tokens.clamp(min=1)
-    gap = seq_logp[twins] - seq_logp[pair_of[twins]]
+    if gap_clip > 0:  # per token: log p(token | corrupted) - log p(token | true), the twin's tokens aligned with
+        per_token = example_tokens(nll, mask, batch)  # its true row's (`align_trained`)
+        gap = (per_token[pair_of[twins]] - per_token[twins]).clamp(min=-gap_clip).sum(-1)
+        gap = gap if reduce == "sum" else gap / tokens[twins].clamp(min=1)
+    else:
+        seq_logp = -seq_nll if reduce == "sum" else -seq_nll / tokens.clamp(min=1)
+        gap = seq_logp[twins] - seq_logp[pair_of[twins]]
     disc = F.softplus(scale * gap).mean()
     metrics.update(disc_loss=disc.detach(), disc_acc=(gap < 0).float().mean().detach())
     return lm + weight * disc, metrics

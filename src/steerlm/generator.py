@@ -29,7 +29,16 @@ import torch
 
 from steerlm import config as config_lib
 from steerlm import models
-from steerlm.attributes import MIDDLE, AttributeSchema, LengthBuckets, computed_from_dict, parse_assignment
+from steerlm.attributes import (
+    GUIDANCE_PLAUSIBILITY,
+    GUIDANCE_REFERENCE_PLAUSIBILITY,
+    MIDDLE,
+    AttributeSchema,
+    LengthBuckets,
+    check_plausibility,
+    computed_from_dict,
+    parse_assignment,
+)
 from steerlm.batching import TEXT, Engine, Row, check_guidance_scale
 from steerlm.data import templates
 from steerlm.data.records import ASSISTANT, DEFAULT_SYSTEM, USER, Record, Turn, record_from_json
@@ -70,6 +79,16 @@ class SamplingArgs:
     `steerlm sft --label_dropout`), an attribute string (unspecified attributes at their defaults), or 'middle': the
     request with every attribute it names at the middle level (`AttributeSchema.middle_level`), so guidance pushes
     each named attribute away from the middle and leaves the others as they are (docs/steering.md)."""
+    guidance_plausibility: float = GUIDANCE_PLAUSIBILITY
+    """A guided step samples only tokens whose probability under the requested condition is at least this share of
+    its top token's: the adaptive plausibility constraint of contrastive decoding (Li et al. 2023, §3.2). Guidance
+    alone favours tokens neither condition would write (their probability ratio is the largest). In [0, 1); 0 turns
+    it off; no effect without guidance (`batching.guide`, docs/steering.md)."""
+    guidance_reference_plausibility: float = GUIDANCE_REFERENCE_PLAUSIBILITY
+    """The same test under the neutral condition (where no token passes both, the requested one's alone decides).
+    It keeps out what the requested condition of a small model finds plausible only because it is confused (the
+    quickstart model's level-0 line opens with attribute-line echoes), while leaving room for an earlier or later
+    end than the reference would choose. In [0, 1); 0 turns it off (docs/steering.md)."""
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -87,6 +106,8 @@ class SamplingArgs:
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty")
         check_guidance_scale(self.guidance_scale)
+        check_plausibility("guidance_plausibility", self.guidance_plausibility)
+        check_plausibility("guidance_reference_plausibility", self.guidance_reference_plausibility)
 
     @property
     def is_greedy(self) -> bool:
@@ -237,7 +258,7 @@ class Generator:
         return templates.encode_text_segments(segments, self.tokenizer)
 
     def stop_strings(self, sampling: SamplingArgs, raw: bool = False) -> list[str]:
-        own = [] if raw else templates.stop_strings(self.template, self.tokenizer)
+        own = [] if raw else templates.stop_strings(self.template, self.tokenizer, conditioned=self.schema is not None)
         return list(dict.fromkeys(own + list(sampling.stop)))
 
     def _per_conversation(self, attributes, n: int) -> list:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from steerlm import config as config_lib
-from steerlm.attributes import MIDDLE
+from steerlm.attributes import GUIDANCE_PLAUSIBILITY, GUIDANCE_REFERENCE_PLAUSIBILITY, MIDDLE, check_plausibility
 from steerlm.config import to_dict
 from steerlm.errors import UserError
 from steerlm.io import write_json
@@ -56,6 +56,11 @@ class CheckArgs:
     """Guidance's neutral condition (`SamplingArgs.guidance_reference`): '' (no attribute line), an attribute string,
     or 'middle' (the attributes each answer asks for at their middle level: in the check the measured one, in the
     demo those its setting names; guidance pushes them away from the middle)."""
+    guidance_plausibility: float = GUIDANCE_PLAUSIBILITY
+    """Plausibility constraint of guided steps under the requested condition (`SamplingArgs.guidance_plausibility`;
+    0: off)."""
+    guidance_reference_plausibility: float = GUIDANCE_REFERENCE_PLAUSIBILITY
+    """The same under the neutral condition (`SamplingArgs.guidance_reference_plausibility`; 0: off)."""
     compare_guidance: list[float] = field(default_factory=list)
     """Further guidance scales to run the check at, reported beside the main one (e.g. [1.0] to see what guidance
     adds)."""
@@ -69,6 +74,8 @@ class CheckArgs:
     def __post_init__(self):
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, not {self.batch_size}")
+        check_plausibility("guidance_plausibility", self.guidance_plausibility)
+        check_plausibility("guidance_reference_plausibility", self.guidance_reference_plausibility)
         # caught here, not after the SFT stage: '', 'middle' or an attribute string such as 'humor:2,verbosity:2'
         if self.guidance_reference not in ("", MIDDLE) and not re.fullmatch(r"\w+:\d+(,\w+:\d+)*",
                                                                               self.guidance_reference):  # fmt: skip
@@ -204,6 +211,9 @@ def serve_command(model: str, apm: str, check: CheckArgs) -> str:
         words.append(f"--guidance_scale={check.guidance_scale:g}")
         if check.guidance_reference:
             words.append(f"--guidance_reference={check.guidance_reference}")
+        defaults = {"guidance_plausibility": GUIDANCE_PLAUSIBILITY,
+                    "guidance_reference_plausibility": GUIDANCE_REFERENCE_PLAUSIBILITY}  # fmt: skip
+        words += [f"--{k}={getattr(check, k):g}" for k, v in defaults.items() if getattr(check, k) != v]
     return shlex.join(words)
 
 
@@ -320,6 +330,8 @@ def run_check(model: str, apm_model: str, data_dir: Path, check: CheckArgs, out:
             sampling = SamplingArgs(max_new_tokens=int(check.max_new_tokens_for.get(a, check.max_new_tokens)),
                                     temperature=check.temperature, seed=check.seed, guidance_scale=scale,
                                     guidance_reference=check.guidance_reference,
+                                    guidance_plausibility=check.guidance_plausibility,
+                                    guidance_reference_plausibility=check.guidance_reference_plausibility,
                                     repetition_penalty=check.repetition_penalty)  # fmt: skip
             results.append(
                 measure_attribute(generator, s, prompts, a, sorted(set(levels)), sampling, batch_size=check.batch_size)
@@ -347,6 +359,8 @@ def run_check(model: str, apm_model: str, data_dir: Path, check: CheckArgs, out:
                 table += (f"\n  answers that {what} (of {len(prompts)}): "
                           + "  ".join(f"{lv}->{n}" for lv, n in zip(r.requested, counts, strict=True)))  # fmt: skip
     report = {"table": table, "guidance_scale": check.guidance_scale, "guidance_reference": check.guidance_reference,
+              "guidance_plausibility": check.guidance_plausibility,
+              "guidance_reference_plausibility": check.guidance_reference_plausibility,
               "prompts": len(prompts), "words": words,
               "attributes": {r.attribute: r.to_json() for r in results}}  # fmt: skip
     verb = next((r for r in results if r.attribute == "verbosity"), None)
@@ -401,6 +415,8 @@ def demo(model: str, check: CheckArgs) -> None:
     prompt = Record([Turn("User", check.demo_prompt)])
     sampling = SamplingArgs(max_new_tokens=check.max_new_tokens, temperature=check.temperature, seed=check.seed,
                             guidance_scale=check.guidance_scale, guidance_reference=check.guidance_reference,
+                            guidance_plausibility=check.guidance_plausibility,
+                            guidance_reference_plausibility=check.guidance_reference_plausibility,
                             repetition_penalty=check.repetition_penalty)  # fmt: skip
     answers = generator.generate([prompt] * len(settings), settings, sampling)
     print(f"\nprompt: {check.demo_prompt}")

@@ -45,7 +45,12 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from steerlm import config as config_lib
-from steerlm.attributes import parse_assignment
+from steerlm.attributes import (
+    GUIDANCE_PLAUSIBILITY,
+    GUIDANCE_REFERENCE_PLAUSIBILITY,
+    check_plausibility,
+    parse_assignment,
+)
 from steerlm.batching import DONE, TEXT, Finished, Row, check_guidance_scale
 from steerlm.data import templates
 from steerlm.data.records import ASSISTANT, USER, Record, Turn
@@ -97,6 +102,11 @@ class Config:
     guidance_reference: str = ""
     """Default neutral condition of guidance for requests that set no `guidance_reference`: '', an attribute string
     or 'middle' (`SamplingArgs.guidance_reference`; the quickstart's check uses 'middle')."""
+    guidance_plausibility: float = GUIDANCE_PLAUSIBILITY
+    """Default plausibility constraint of guided requests that set none: tokens under this share of the requested
+    condition's top token's probability are not sampled (`SamplingArgs.guidance_plausibility`; 0: off)."""
+    guidance_reference_plausibility: float = GUIDANCE_REFERENCE_PLAUSIBILITY
+    """The same under the neutral condition (`SamplingArgs.guidance_reference_plausibility`; 0: off)."""
     system: str | None = None
     """Default system prompt when a chat request has none (default: NeMo's SteerLM system prompt)."""
     template: str = "auto"
@@ -151,6 +161,8 @@ class Config:
         for text in self.attr:
             parse_assignment(text)
         check_guidance_scale(self.guidance_scale)
+        check_plausibility("guidance_plausibility", self.guidance_plausibility)
+        check_plausibility("guidance_reference_plausibility", self.guidance_reference_plausibility)
 
 
 # ---------------------------------------------------------------- the app

@@ -467,7 +467,8 @@ def run(cfg: Config) -> tuple[dict, torch.nn.Module]:
                                          "attributes": list(cfg.conditioning_loss.attributes),
                                          "shares": dict(cfg.conditioning_loss.shares),
                                          "reduce": cfg.conditioning_loss.reduce,
-                                         "scale": cfg.conditioning_loss.scale}  # fmt: skip
+                                         "scale": cfg.conditioning_loss.scale,
+                                         "gap_clip": cfg.conditioning_loss.gap_clip}  # fmt: skip
 
     def save_best(m, metrics: dict) -> None:
         models.save_model(m, tokenizer, out / BEST, META, out_meta)
@@ -492,7 +493,7 @@ def run(cfg: Config) -> tuple[dict, torch.nn.Module]:
     evaluate = (make_evaluate(val_examples, collate, cfg.train.batch_size, accelerator, flips, readout_fn)
                 if val_examples else None)  # fmt: skip
     loss_fn = partial(conditioning.conditioned_lm_loss, weight=weight, reduce=cfg.conditioning_loss.reduce,
-                      scale=cfg.conditioning_loss.scale)  # fmt: skip
+                      scale=cfg.conditioning_loss.scale, gap_clip=cfg.conditioning_loss.gap_clip)  # fmt: skip
     summary = train.fit(model, train_examples, collate, loss_fn, cfg.train, out, evaluate=evaluate,
                         save_best=save_best, resume=cfg.resume, groups=groups, desc="sft",
                         accelerator=accelerator)  # fmt: skip

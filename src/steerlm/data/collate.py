@@ -119,6 +119,21 @@ def n_tokens(batch: dict[str, torch.Tensor]) -> int:
     return 0
 
 
+def example_tokens(values: torch.Tensor, mask: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per-example values of the masked predictions, in order: (E, K) with row e holding example e's masked values
+    of `values` (R, T-1) and zeros after them (K: the most any example has). The examples are the rows of a padded
+    batch or the sequences of a packed one (`seq_idx`), as in `example_sums`, whose sums these rows add up to."""
+    owner = batch["seq_idx"][:, 1:] if "seq_idx" in batch else torch.arange(len(values), device=values.device)[:, None]
+    owner = owner.expand_as(mask)[mask]  # the example of each masked prediction, row-major (each example in order)
+    examples = int(batch["seq_idx"].max()) + 1 if "seq_idx" in batch else len(values)
+    counts = torch.bincount(owner, minlength=examples)
+    order = torch.argsort(owner, stable=True)
+    rank = torch.empty_like(owner)
+    rank[order] = torch.arange(len(owner), device=owner.device) - (counts.cumsum(0) - counts)[owner[order]]
+    out = torch.zeros(examples, int(counts.max()) if len(owner) else 0, dtype=values.dtype, device=values.device)
+    return out.index_put((owner, rank), values[mask])
+
+
 def example_sums(values: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Per-example sums of per-prediction values `values` (R, T-1), where position t predicts token t+1 (as
     `conditioning.token_nll`): (E,), one sum per row of a padded batch, or per example of a packed one (`seq_idx`;

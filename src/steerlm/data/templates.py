@@ -205,11 +205,16 @@ def encode_text_segments(texts: list[str], tokenizer, add_bos: bool = False) -> 
     return ids
 
 
-def stop_strings(style: str, tokenizer=None) -> list[str]:
-    """Strings that end an answer: `T` for NeMo style (SPEC §3), the tokenizer's EOS for chat style."""
+def stop_strings(style: str, tokenizer=None, conditioned: bool = False) -> list[str]:
+    """Strings that end an answer: `T` for NeMo style (SPEC §3), the tokenizer's EOS for chat style, and for an
+    attribute-conditioned chat model also `ATTR_MARKER`: an answer never holds one (training puts it only at the
+    start of an assistant turn), so a model that writes one has begun another turn's attribute line. Measured on
+    the quickstart's model, short answers often went on with `<attributes>quality:3,...` and a repeat of
+    themselves (docs/steering.md)."""
     if style == "nemo":
         return [T]
-    return [tokenizer.eos_token] if tokenizer is not None and tokenizer.eos_token else []
+    own = [tokenizer.eos_token] if tokenizer is not None and tokenizer.eos_token else []
+    return own + [ATTR_MARKER] if conditioned else own
 
 
 def find_stop(text: str, stops, ends_after: int = 0) -> tuple[int, str] | None:

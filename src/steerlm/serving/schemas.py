@@ -135,6 +135,11 @@ class OpenAISampling(_Strict):
     guidance_reference: str | None = None
     """steerlm extension: the neutral condition of guidance ('' : no attribute line, an attribute string, or 'middle':
     the requested attributes at their middle level; see generate.SamplingArgs)."""
+    guidance_plausibility: float | None = Field(None, ge=0, lt=1)
+    """steerlm extension: guided steps sample only tokens at least this share of the requested condition's top
+    token's probability (0: off; see generator.SamplingArgs)."""
+    guidance_reference_plausibility: float | None = Field(None, ge=0, lt=1)
+    """steerlm extension: the same under the neutral condition (0: off; see generator.SamplingArgs)."""
     user: str | None = None
     # Accepted for compatibility; only their neutral values are supported (checked in service._check_unsupported).
     presence_penalty: float | None = None

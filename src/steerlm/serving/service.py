@@ -18,6 +18,9 @@ from steerlm.errors import UserError
 from steerlm.serving.guard import Metrics
 from steerlm.serving.schemas import ApiError, CompletionRequest, Message, OpenAISampling, error_body, sse
 
+#: A request's guidance settings (steerlm extensions): each is the request's, else the server's `--<name>` default.
+GUIDANCE = ("guidance_scale", "guidance_reference", "guidance_plausibility", "guidance_reference_plausibility")
+
 if TYPE_CHECKING:
     from steerlm.serve import Config
 
@@ -73,7 +76,9 @@ class Service:
             "attributes": self.schema_info(), "template": self.gen.template, "conditioning": self.gen.conditioning,
             "system": self.gen.system, "context_length": self.context, "apm": apm,
             "guidance": self.gen.schema is not None,
-            "default_guidance": {"scale": self.cfg.guidance_scale, "reference": self.cfg.guidance_reference}
+            "default_guidance": {"scale": self.cfg.guidance_scale, "reference": self.cfg.guidance_reference,
+                                 "plausibility": self.cfg.guidance_plausibility,
+                                 "reference_plausibility": self.cfg.guidance_reference_plausibility}
             if self.gen.schema is not None else None,
             "limits": {"max_tokens": self.cfg.max_tokens, "default_max_tokens": self.cfg.default_max_tokens,
                        "max_n": self.cfg.max_n, "max_prompt_tokens": self.cfg.max_prompt_tokens,
@@ -209,13 +214,12 @@ class Service:
                              seed=req.seed, **self.guidance(req, steered))  # fmt: skip
 
     def guidance(self, req: OpenAISampling, steered: bool) -> dict[str, Any]:
-        """guidance_scale and guidance_reference of a request: its own, else the server defaults when it is steered
-        (a raw prompt has no attribute line to guide)."""
-        scale, reference = req.guidance_scale, req.guidance_reference
+        """The guidance settings of a request (`GUIDANCE`): its own, else the server defaults when it is steered (a
+        raw prompt has no attribute line to guide)."""
+        own = {name: getattr(req, name) for name in GUIDANCE}
         if steered and self.gen.schema is not None:
-            scale = self.cfg.guidance_scale if scale is None else scale
-            reference = self.cfg.guidance_reference if reference is None else reference
-        return {"guidance_scale": scale, "guidance_reference": reference}
+            return {name: getattr(self.cfg, name) if value is None else value for name, value in own.items()}
+        return own
 
     def neutral_ids(self, record: Record, sampling, requested: dict[str, Any] | None = None) -> list[int] | None:
         """The neutral prompt of attribute guidance, when the request asks for guidance; `requested` (the request's

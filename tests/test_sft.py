@@ -131,7 +131,7 @@ def test_sft_cli_trains_and_best_loads(data_dir, tmp_path, capsys):
     assert meta == {"attributes": {"names": ["quality", "toxicity", "humor"], "levels": 10}, "template": "nemo",
                     "conditioning": "attributes", "base_model": "tiny-lm", "lora": False,
                     "conditioning_loss": {"weight": 1.0, "distance_power": 1.0, "corrupt": "one", "attributes": [],
-                                          "shares": {}, "reduce": "sum", "scale": 1.0}}  # fmt: skip
+                                          "shares": {}, "reduce": "sum", "scale": 1.0, "gap_clip": 0.0}}  # fmt: skip
 
     base, _ = models.tiny_causal_lm()
     gen = Generator.load(str(out / "best"), device="cpu")

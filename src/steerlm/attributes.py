@@ -66,12 +66,13 @@ MIDDLE = "middle"
 GUIDANCE_PLAUSIBILITY, GUIDANCE_REFERENCE_PLAUSIBILITY = 0.1, 0.01
 
 
-def check_plausibility(name: str, alpha: float) -> None:
-    """The one check of a configured guidance plausibility (`guidance_plausibility`, `guidance_reference_plausibility`
-    of SamplingArgs, `steerlm serve` and the pipeline check): ValueError naming `name` outside [0, 1). A request's
-    schema bounds them the same way."""
-    if not 0 <= alpha < 1:
-        raise ValueError(f"{name} must be in [0, 1), not {alpha}")
+def check_plausibility(**values: float) -> None:
+    """The one check of configured guidance plausibilities (`guidance_plausibility=...`,
+    `guidance_reference_plausibility=...` of SamplingArgs, `steerlm serve` and the pipeline check): ValueError
+    naming the first outside [0, 1). A request's schema bounds them the same way."""
+    for name, alpha in values.items():
+        if not 0 <= alpha < 1:
+            raise ValueError(f"{name} must be in [0, 1), not {alpha}")
 
 
 #: Every attribute name steerlm knows, in canonical order (the OASST, paper and HelpSteer sets).

@@ -106,8 +106,8 @@ class SamplingArgs:
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty")
         check_guidance_scale(self.guidance_scale)
-        check_plausibility("guidance_plausibility", self.guidance_plausibility)
-        check_plausibility("guidance_reference_plausibility", self.guidance_reference_plausibility)
+        check_plausibility(guidance_plausibility=self.guidance_plausibility,
+                           guidance_reference_plausibility=self.guidance_reference_plausibility)  # fmt: skip
 
     @property
     def is_greedy(self) -> bool:

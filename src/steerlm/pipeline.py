@@ -74,8 +74,8 @@ class CheckArgs:
     def __post_init__(self):
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, not {self.batch_size}")
-        check_plausibility("guidance_plausibility", self.guidance_plausibility)
-        check_plausibility("guidance_reference_plausibility", self.guidance_reference_plausibility)
+        check_plausibility(guidance_plausibility=self.guidance_plausibility,
+                           guidance_reference_plausibility=self.guidance_reference_plausibility)  # fmt: skip
         # caught here, not after the SFT stage: '', 'middle' or an attribute string such as 'humor:2,verbosity:2'
         if self.guidance_reference not in ("", MIDDLE) and not re.fullmatch(r"\w+:\d+(,\w+:\d+)*",
                                                                               self.guidance_reference):  # fmt: skip

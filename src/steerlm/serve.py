@@ -161,8 +161,8 @@ class Config:
         for text in self.attr:
             parse_assignment(text)
         check_guidance_scale(self.guidance_scale)
-        check_plausibility("guidance_plausibility", self.guidance_plausibility)
-        check_plausibility("guidance_reference_plausibility", self.guidance_reference_plausibility)
+        check_plausibility(guidance_plausibility=self.guidance_plausibility,
+                           guidance_reference_plausibility=self.guidance_reference_plausibility)  # fmt: skip
 
 
 # ---------------------------------------------------------------- the app

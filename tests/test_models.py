@@ -206,7 +206,13 @@ def test_save_model_failure_keeps_previous_folder(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["m"]
 
 
-def test_lora_adapter_round_trip(cache, tmp_path):
+def test_lora_adapter_round_trip(cache, tmp_path, monkeypatch):
+    import peft.utils.save_and_load
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("saving an adapter must not look its base up on the hub")
+
+    monkeypatch.setattr(peft.utils.save_and_load, "check_file_exists_on_hf_hub", no_hub)
     model, tok = models.tiny_causal_lm(0)  # the built-in `tiny-lm`: the adapter names it as its base
     peft_model = models.apply_lora(model, LoraArgs(r=4, alpha=8))
     with torch.no_grad():  # lora_B starts at zero; make the adapter actually change the output

@@ -22,7 +22,6 @@ import shutil
 import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -536,11 +535,11 @@ def save_model(model, tokenizer, folder: str | Path, meta_name: str | None = Non
     tmp = _make_tmp_dir(folder, ".tmp")
     old = None
     try:
-        with warnings.catch_warnings():
-            # peft looks up the base's config by name to see if the vocabulary changed; built-in names are not hub
-            # ids, so it warns. Tokens added during fine-tuning need `modules_to_save` embeddings either way.
-            warnings.filterwarnings("ignore", message="Could not find a config file")
-            model.save_pretrained(tmp)
+        # A LoRA adapter: peft's "auto" looks the base's config up on the hub by name to see whether the vocabulary
+        # changed (a network call on every save, and a warning offline or for built-in names); steerlm's adapters
+        # never resize embeddings (tokens added during fine-tuning need `modules_to_save` embeddings either way).
+        kwargs = {"save_embedding_layers": False} if hasattr(model, "peft_config") else {}
+        model.save_pretrained(tmp, **kwargs)
         if tokenizer is not None:
             _save_tokenizer(tokenizer, tmp, meta_name, meta)
         if meta_name is not None:

@@ -198,6 +198,21 @@ def test_generate_command_guides_against_the_middle_of_what_it_names(lm, tmp_pat
     base = Generator.load("tiny-lm", device="cpu")  # a plain model: chat template, no attributes
     assert (base.template, base.conditioning, base.schema) == ("chat", "none", None)
 
+    # a model saved with guidance is generated guided unless the command says otherwise
+    saved = _save(lm, tmp_path / "saved", {**meta, "guidance": {"scale": 3.0, "reference": "middle"}})
+    assert Generator.load(saved, device="cpu").guidance == (3.0, "middle")
+    short = ["generate", f"--model={saved}", "--attr", "humor=7", "--greedy", "--max_new_tokens=12", "Hi"]
+    assert cli.run(short) == 0
+    assert capsys.readouterr().out == expected + "\n"
+    assert cli.run([*short, "--guidance_scale=1"]) == 0
+    assert (
+        capsys.readouterr().out
+        == gen.generate(["Hi"], {"humor": 7}, SamplingArgs(max_new_tokens=12, greedy=True))[0] + "\n"
+    )
+    _save(lm, tmp_path / "bad", {**meta, "guidance": {"scale": -2}})
+    assert cli.run(["generate", f"--model={tmp_path / 'bad'}", "Hi"]) == 2
+    assert "bad guidance entry" in capsys.readouterr().err
+
 
 def test_chat_through_piped_stdin(lm, tmp_path):
     meta = {"attributes": SCHEMA.to_dict(), "template": "chat", "conditioning": "attributes", "base_model": "tiny-lm",

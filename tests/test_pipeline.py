@@ -112,6 +112,11 @@ def test_the_printed_serve_command_carries_the_checks_guidance():
     assert (
         pipeline.serve_command("my runs/m", "a", pipeline.CheckArgs()) == "steerlm serve '--model=my runs/m' --apm=a"
     )
+    # a model saved with the check's guidance is served with it anyway: no flags; another scale keeps its reference
+    assert pipeline.serve_command("m", "a", pipeline.CheckArgs(), (2.0, "middle")) == "steerlm serve --model=m --apm=a"
+    assert pipeline.serve_command("m", "a", pipeline.CheckArgs(guidance_scale=3), (2.0, "middle")).endswith(
+        "--guidance_scale=3 --guidance_reference=middle"
+    )
 
 
 def test_bootstrap_labels_come_from_the_apm(tiny_run):

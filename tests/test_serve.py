@@ -523,6 +523,24 @@ def test_server_defaults_are_validated(model_dir, generator):
         create_app(Config(model="tiny-lm", guidance_scale=2), generator=plain)
 
 
+def test_the_models_saved_guidance_is_the_server_default(model_dir, generator, monkeypatch):
+    """A model saved with guidance (`steerlm sft --guidance_scale`) is served guided by default; a flag overrides
+    the scale and keeps the model's reference."""
+    monkeypatch.setattr(generator, "guidance", (3.0, "middle"))
+    with running(Config(model=str(model_dir)), generator) as live:
+        client = openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        card = client.models.list().data[0].model_dump()
+        assert card["default_guidance"] == {"scale": 3.0, "reference": "middle", "plausibility": 0.1,
+                                            "reference_plausibility": 0.01}  # fmt: skip
+        resp = client.chat.completions.create(model="sft/best", messages=msgs("Hi"), max_tokens=12, temperature=0,
+                                              extra_body={"attributes": {"humor": 0}})  # fmt: skip
+        guided = SamplingArgs(max_new_tokens=12, greedy=True, guidance_scale=3.0, guidance_reference="humor:4")
+        assert resp.choices[0].message.content == generator.generate(["Hi"], {"humor": 0}, guided)[0]
+    with running(Config(model=str(model_dir), guidance_scale=1), generator) as live:
+        client = openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        assert client.models.list().data[0].model_dump()["default_guidance"]["scale"] == 1.0
+
+
 def test_server_guidance_defaults_apply_to_steered_requests_only(model_dir, generator):
     """`--guidance_scale 5 --guidance_reference middle`: a chat request that sets no guidance is guided as if it
     asked for it, one that sets its own keeps it, and a raw completion prompt (no attribute line) is not guided."""

@@ -148,6 +148,26 @@ def test_sft_cli_trains_and_best_loads(data_dir, tmp_path, capsys):
     assert "--resume" in capsys.readouterr().err
 
 
+def test_the_model_keeps_the_guidance_it_was_trained_for(data_dir, tmp_path, capsys):
+    """`--guidance_scale` / `--guidance_reference` travel in steerlm_model.json; a run from a steerlm model (the
+    bootstrap round) keeps its base's unless it sets its own; a reference naming no attribute of the model fails
+    before training."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    common = [*FAST, f"--data={data_dir}", "--train.max_steps=1", "--train.max_length=256", "--flip_gap=false",
+              "--readout_examples=0", "--attributes=quality,humor"]  # fmt: skip
+    assert cli.run(["sft", *common, f"--out={first}", "--guidance_scale=2", "--guidance_reference=middle"]) == 0
+    assert models.read_meta(first / "best", "steerlm_model.json")["guidance"] == {"scale": 2.0, "reference": "middle"}
+    assert Generator.load(str(first / "best")).guidance == (2.0, "middle")
+    assert cli.run(["sft", *common[1:], f"--model={first / 'best'}", f"--out={second}", "--guidance_scale=3"]) == 0
+    assert Generator.load(str(second / "best")).guidance == (3.0, "middle")
+    capsys.readouterr()
+    assert cli.run(["sft", *common, f"--out={tmp_path / 'bad'}", "--guidance_scale=2",
+                    "--guidance_reference=funny:1"]) == 2  # fmt: skip
+    assert "unknown attribute 'funny'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="meaningless with conditioning 'none'"):
+        sft.Config(model="tiny-lm", data="d", out="o", conditioning="none", guidance_scale=2)
+
+
 def test_lora_then_merge_gives_a_plain_transformers_folder(data_dir, tmp_path):
     out = tmp_path / "lora"
     args = ["sft", *FAST, f"--data={data_dir}", f"--out={out}", "--train.max_steps=3", "--train.max_length=384",

@@ -6,6 +6,7 @@ An attribute string is `key:int` pairs joined by `,` with no spaces, in canonica
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -73,6 +74,14 @@ def check_plausibility(**values: float) -> None:
     for name, alpha in values.items():
         if not 0 <= alpha < 1:
             raise ValueError(f"{name} must be in [0, 1), not {alpha}")
+
+
+def check_guidance_reference(reference: str) -> None:
+    """The one format check of a configured guidance reference (the pipeline check's, `steerlm sft`'s saved one):
+    '', 'middle' or an attribute string such as 'humor:2,verbosity:2'; ValueError otherwise. Names and levels are
+    checked against the model (`Generator.reference_string`)."""
+    if reference not in ("", MIDDLE) and not re.fullmatch(r"\w+:\d+(,\w+:\d+)*", reference):
+        raise ValueError(f"guidance_reference must be '', 'middle' or an attribute string, not {reference!r}")
 
 
 #: Every attribute name steerlm knows, in canonical order (the OASST, paper and HelpSteer sets).

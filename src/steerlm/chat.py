@@ -25,13 +25,13 @@ from steerlm.attributes import parse_assignment
 from steerlm.data import templates
 from steerlm.data.records import ASSISTANT, DEFAULT_SYSTEM, USER, Record, Turn
 from steerlm.errors import UserError
-from steerlm.generator import Generator, SamplingArgs, load_generator, read_attributes, sampling_from
+from steerlm.generator import CommandSampling, Generator, SamplingArgs, load_generator, read_attributes, sampling_from
 
 HELP = """commands: /set name=level ... | /show | /reset | /system TEXT | /help | /quit"""
 
 
 @dataclass(kw_only=True)
-class Config(SamplingArgs):
+class Config(CommandSampling):
     model: str
     """Model: a steerlm output folder (e.g. runs/x/sft/best), a LoRA adapter folder, a built-in name or HF folder."""
     attr: list[str] = field(default_factory=list)
@@ -158,7 +158,7 @@ def repl(session: Session, stdin=None, out=None, err=None) -> int:
 def main(cfg: Config) -> int:
     levels = read_attributes(cfg.attrs_file, cfg.attr)
     gen = load_generator(cfg)
-    session = Session(gen, sampling_from(cfg), system=cfg.system if cfg.system is not None else DEFAULT_SYSTEM)
+    session = Session(gen, sampling_from(cfg, gen), system=cfg.system if cfg.system is not None else DEFAULT_SYSTEM)
     if levels and gen.schema is None:
         print(f"note: {cfg.model} is not attribute-conditioned; the attributes are ignored", file=sys.stderr)
     elif levels:

@@ -20,7 +20,7 @@ from steerlm.data import templates
 from steerlm.data.preferences import read_prompts
 from steerlm.data.records import ASSISTANT, Record, Turn
 from steerlm.errors import UserError
-from steerlm.generator import Generator, SamplingArgs, load_generator, read_attributes, sampling_from
+from steerlm.generator import CommandSampling, Generator, load_generator, read_attributes, sampling_from
 from steerlm.io import write_jsonl
 
 POSITIONAL = "prompt"
@@ -30,7 +30,7 @@ POSITIONAL = "prompt"
 
 
 @dataclass(kw_only=True)
-class Config(SamplingArgs):
+class Config(CommandSampling):
     model: str
     """Model: a steerlm output folder (e.g. runs/x/sft/best), a LoRA adapter folder, a built-in name, a Hugging Face
     folder or hub id."""
@@ -69,9 +69,9 @@ class Config(SamplingArgs):
 def main(cfg: Config) -> int:
     levels = read_attributes(cfg.attrs_file, cfg.attr)
     gen = load_generator(cfg)
-    if gen.schema is None and (levels or cfg.guidance_scale != 1.0):
+    if gen.schema is None and (levels or cfg.guidance_scale not in (None, 1.0)):
         print(f"note: {cfg.model} is not attribute-conditioned; attributes and guidance are ignored", file=sys.stderr)
-    sampling = sampling_from(cfg)
+    sampling = sampling_from(cfg, gen)
     if cfg.prompts:
         if cfg.out and Path(cfg.out).exists() and not cfg.overwrite:
             raise UserError("output file exists; pass --overwrite to replace it", file=cfg.out)

@@ -35,6 +35,7 @@ from steerlm.attributes import (
     MIDDLE,
     AttributeSchema,
     LengthBuckets,
+    check_guidance_reference,
     check_plausibility,
     computed_from_dict,
     parse_assignment,
@@ -105,18 +106,64 @@ class SamplingArgs:
             raise ValueError(f"repetition_penalty must be positive, not {self.repetition_penalty}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty")
-        check_guidance_scale(self.guidance_scale)
+        self._check_guidance()
         check_plausibility(guidance_plausibility=self.guidance_plausibility,
                            guidance_reference_plausibility=self.guidance_reference_plausibility)  # fmt: skip
+
+    def _check_guidance(self) -> None:
+        check_guidance_scale(self.guidance_scale)
 
     @property
     def is_greedy(self) -> bool:
         return self.greedy or self.temperature == 0
 
 
-def sampling_from(cfg) -> SamplingArgs:
-    """The SamplingArgs part of a config that extends it (generate.Config, chat.Config)."""
-    return SamplingArgs(**{f.name: getattr(cfg, f.name) for f in fields(SamplingArgs)})
+@dataclass(kw_only=True)
+class CommandSampling(SamplingArgs):
+    """SamplingArgs of a command that loads one model (`steerlm generate`, `chat`): guidance it leaves unset is the
+    model's own (`Generator.guidance`), resolved by `sampling_from` once the model is loaded."""
+
+    guidance_scale: float | None = None
+    """Attribute guidance s (l(neutral) + s * (l(requested) - l(neutral)); 1: none). Unset: the guidance saved with
+    the model (`steerlm sft --guidance_scale`, steerlm_model.json `guidance`; the quickstart's: 2), else 1."""
+    guidance_reference: str | None = None
+    """Guidance's neutral condition ('', an attribute string, or 'middle'; `SamplingArgs.guidance_reference`).
+    Unset: the model's saved one (the quickstart's: 'middle'), else ''."""
+
+    def _check_guidance(self) -> None:
+        if self.guidance_scale is not None:
+            check_guidance_scale(self.guidance_scale)
+
+
+def sampling_from(cfg, gen: Generator) -> SamplingArgs:
+    """The SamplingArgs part of a config that extends it (generate.Config, chat.Config), with the guidance it leaves
+    unset (None) taken from `gen.guidance`, the model's own."""
+    values = {f.name: getattr(cfg, f.name) for f in fields(SamplingArgs)}
+    return SamplingArgs(**{**values, **resolve_guidance(values, gen.guidance)})
+
+
+def resolve_guidance(values: Mapping[str, Any], saved: tuple[float, str]) -> dict[str, Any]:
+    """`guidance_scale` and `guidance_reference` of `values` (a config's or a request's), each unset one (None)
+    replaced by the model's `saved` (scale, reference) (`Generator.guidance`)."""
+    scale, reference = values.get("guidance_scale"), values.get("guidance_reference")
+    return {"guidance_scale": saved[0] if scale is None else scale,
+            "guidance_reference": saved[1] if reference is None else reference}  # fmt: skip
+
+
+def saved_guidance(meta: Mapping | None, source: str = META) -> tuple[float, str]:
+    """The attribute guidance a model folder recommends (its steerlm_model.json `guidance`: {"scale": s, "reference":
+    r}, written by `steerlm sft --guidance_scale`), as (scale, reference); (1.0, '') when it has none. UserError
+    naming `source` when the entry is malformed."""
+    entry = (meta or {}).get("guidance")
+    if entry is None:
+        return 1.0, ""
+    try:
+        scale, reference = float(entry["scale"]), str(entry.get("reference", ""))
+        check_guidance_scale(scale)
+        check_guidance_reference(reference)
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"bad guidance entry: {e}", file=source, field="guidance") from None
+    return scale, reference
 
 
 @dataclass
@@ -149,6 +196,9 @@ class Generator:
         self.model, self.tokenizer = model.eval(), tokenizer
         self.schema = schema if conditioning == "attributes" else None
         self.template, self.conditioning, self.system = template, conditioning, system
+        #: The attribute guidance (scale, reference) the model was saved with (`saved_guidance`): what commands,
+        #: the server and the pipeline check use where they set none. Library calls pass SamplingArgs explicitly.
+        self.guidance: tuple[float, str] = (1.0, "")
         #: Computed attributes of the model (`verbosity` -> its length buckets, from `steerlm_model.json`), so the
         #: steerability check measures answers with the edges the model was trained with.
         self.computed: dict[str, LengthBuckets] = {}
@@ -180,6 +230,8 @@ class Generator:
                 raise UserError(f"bad computed entry: {e}", file=str(folder / META)) from None
         gen = cls(model, tokenizer, schema=schema, template=template or style, conditioning=conditioning)
         gen.computed = computed if meta is not None else {}
+        if gen.schema is not None:
+            gen.guidance = saved_guidance(meta, str(folder / META))
         return gen
 
     # ------------------------------------------------------------ prompts

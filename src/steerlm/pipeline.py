@@ -11,13 +11,17 @@ the pipeline fills in the paths that connect the stages. It ends with a summary 
 
 from __future__ import annotations
 
-import re
 import shlex
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from steerlm import config as config_lib
-from steerlm.attributes import GUIDANCE_PLAUSIBILITY, GUIDANCE_REFERENCE_PLAUSIBILITY, MIDDLE, check_plausibility
+from steerlm.attributes import (
+    GUIDANCE_PLAUSIBILITY,
+    GUIDANCE_REFERENCE_PLAUSIBILITY,
+    check_guidance_reference,
+    check_plausibility,
+)
 from steerlm.config import to_dict
 from steerlm.errors import UserError
 from steerlm.io import write_json
@@ -50,12 +54,14 @@ class CheckArgs:
     at 1.0, +0.27 at 1.3)."""
     seed: int = 7
     """Seed of prompt choice and sampling."""
-    guidance_scale: float = 1.0
-    """Attribute guidance of the check's and the demo's answers (1: plain SteerLM; docs/steering.md)."""
-    guidance_reference: str = ""
+    guidance_scale: float | None = None
+    """Attribute guidance of the check's and the demo's answers (1: plain SteerLM; docs/steering.md). Unset: the
+    guidance the model was saved with (`sft.guidance_scale`), so the check measures what `steerlm generate` and
+    `serve` do by default; else 1."""
+    guidance_reference: str | None = None
     """Guidance's neutral condition (`SamplingArgs.guidance_reference`): '' (no attribute line), an attribute string,
     or 'middle' (the attributes each answer asks for at their middle level: in the check the measured one, in the
-    demo those its setting names; guidance pushes them away from the middle)."""
+    demo those its setting names; guidance pushes them away from the middle). Unset: the model's saved one."""
     guidance_plausibility: float = GUIDANCE_PLAUSIBILITY
     """Plausibility constraint of guided steps under the requested condition (`SamplingArgs.guidance_plausibility`;
     0: off)."""
@@ -76,11 +82,8 @@ class CheckArgs:
             raise ValueError(f"batch_size must be >= 1, not {self.batch_size}")
         check_plausibility(guidance_plausibility=self.guidance_plausibility,
                            guidance_reference_plausibility=self.guidance_reference_plausibility)  # fmt: skip
-        # caught here, not after the SFT stage: '', 'middle' or an attribute string such as 'humor:2,verbosity:2'
-        if self.guidance_reference not in ("", MIDDLE) and not re.fullmatch(r"\w+:\d+(,\w+:\d+)*",
-                                                                              self.guidance_reference):  # fmt: skip
-            raise ValueError(f"guidance_reference must be '', 'middle' or an attribute string, not "
-                             f"{self.guidance_reference!r}")  # fmt: skip
+        if self.guidance_reference is not None:  # caught here, not after the SFT stage
+            check_guidance_reference(self.guidance_reference)
 
 
 @dataclass
@@ -198,19 +201,38 @@ def main(cfg: Config) -> dict:
     print(f"\n(plot: {check_dir / 'steerability.png'})")
     demo(model, cfg.check)
     print("\nserve it with the check's guidance (the playground at http://127.0.0.1:8000/):\n  "
-          + serve_command(model, apm_model, cfg.check))  # fmt: skip
+          + serve_command(model, apm_model, cfg.check, model_guidance(model)))  # fmt: skip
     summary = {"model": model, "apm": apm_model, "stages": [r.__dict__ for r in results]}
     write_json(out / "summary.json", summary)
     return summary
 
 
-def serve_command(model: str, apm: str, check: CheckArgs) -> str:
-    """The `steerlm serve` line for the pipeline's model with the check's guidance as the server default."""
+def model_guidance(model: str) -> tuple[float, str]:
+    """The guidance a model folder was saved with (`generator.saved_guidance`), read without loading the model."""
+    from steerlm import models
+    from steerlm.generator import saved_guidance
+
+    meta_file = Path(model) / models.MODEL_META
+    return saved_guidance(models.read_meta(Path(model), models.MODEL_META) if meta_file.is_file() else None,
+                          str(meta_file))  # fmt: skip
+
+
+def with_guidance(check: CheckArgs, saved: tuple[float, str]) -> CheckArgs:
+    """`check` with the guidance it leaves unset (None) taken from the model's `saved` (scale, reference)."""
+    from steerlm.generator import resolve_guidance
+
+    return replace(check, **resolve_guidance(to_dict(check), saved))
+
+
+def serve_command(model: str, apm: str, check: CheckArgs, saved: tuple[float, str] = (1.0, "")) -> str:
+    """The `steerlm serve` line for the pipeline's model with the check's guidance as the server default: flags only
+    where it differs from the model's `saved` guidance, which the server uses by default."""
+    check = with_guidance(check, saved)
     words = ["steerlm", "serve", f"--model={model}", f"--apm={apm}"]
-    if check.guidance_scale != 1.0:
+    if (check.guidance_scale, check.guidance_reference) != saved:
         words.append(f"--guidance_scale={check.guidance_scale:g}")
-        if check.guidance_reference:
-            words.append(f"--guidance_reference={check.guidance_reference}")
+        words.append(f"--guidance_reference={check.guidance_reference}")
+    if check.guidance_scale != 1.0:
         defaults = {"guidance_plausibility": GUIDANCE_PLAUSIBILITY,
                     "guidance_reference_plausibility": GUIDANCE_REFERENCE_PLAUSIBILITY}  # fmt: skip
         words += [f"--{k}={getattr(check, k):g}" for k, v in defaults.items() if getattr(check, k) != v]
@@ -316,6 +338,7 @@ def run_check(model: str, apm_model: str, data_dir: Path, check: CheckArgs, out:
     generator = Generator.load(model)
     if generator.schema is None:
         raise UserError(f"{model} has no attribute schema to steer", field="model")
+    check = with_guidance(check, generator.guidance)
     scorer = load_apm(apm_model)
     prompts = held_out_prompts(data_dir, check.num_prompts, check.seed)
     top = generator.schema.max_level
@@ -410,6 +433,7 @@ def demo(model: str, check: CheckArgs) -> None:
     from steerlm.generator import Generator, SamplingArgs
 
     generator = Generator.load(model)
+    check = with_guidance(check, generator.guidance)
     top = generator.schema.max_level
     settings = [{k: min(v, top) for k, v in s.items() if k in generator.schema.names} for s in check.demo_settings]
     prompt = Record([Turn("User", check.demo_prompt)])

@@ -95,13 +95,15 @@ class Config:
     attr: list[str] = field(default_factory=list)
     """Server default attribute levels as name=level, repeatable (--attr quality=9 --attr humor=2); requests
     override them, and attributes set nowhere take the schema defaults."""
-    guidance_scale: float = 1.0
+    guidance_scale: float | None = None
     """Default attribute guidance scale of steered requests (chat, and completions with `attributes`) that set no
-    `guidance_scale` (1: plain SteerLM; the quickstart's check uses 2; docs/steering.md). Reported by /v1/models as
-    `default_guidance`; the playground's guidance slider starts there."""
-    guidance_reference: str = ""
+    `guidance_scale` (1: plain SteerLM; docs/steering.md). Unset: the guidance saved with the model (`steerlm sft
+    --guidance_scale`; the quickstart's model: 2), else 1. Reported by /v1/models as `default_guidance`; the
+    playground's guidance slider starts there."""
+    guidance_reference: str | None = None
     """Default neutral condition of guidance for requests that set no `guidance_reference`: '', an attribute string
-    or 'middle' (`SamplingArgs.guidance_reference`; the quickstart's check uses 'middle')."""
+    or 'middle' (`SamplingArgs.guidance_reference`). Unset: the model's saved one (the quickstart's: 'middle'), else
+    ''."""
     guidance_plausibility: float = GUIDANCE_PLAUSIBILITY
     """Default plausibility constraint of guided requests that set none: tokens under this share of the requested
     condition's top token's probability are not sampled (`SamplingArgs.guidance_plausibility`; 0: off)."""
@@ -160,7 +162,8 @@ class Config:
             raise ValueError(f"unknown log_level {self.log_level!r}")
         for text in self.attr:
             parse_assignment(text)
-        check_guidance_scale(self.guidance_scale)
+        if self.guidance_scale is not None:
+            check_guidance_scale(self.guidance_scale)
         check_plausibility(guidance_plausibility=self.guidance_plausibility,
                            guidance_reference_plausibility=self.guidance_reference_plausibility)  # fmt: skip
 

@@ -33,7 +33,16 @@ import torch
 
 from steerlm import conditioning, model_card, models, train
 from steerlm import config as config_lib
-from steerlm.attributes import COMPUTED, NAMED_SETS, AttributeSchema, LengthBuckets, computed_to_dict
+from steerlm.attributes import (
+    COMPUTED,
+    MIDDLE,
+    NAMED_SETS,
+    AttributeSchema,
+    LengthBuckets,
+    check_guidance_reference,
+    computed_to_dict,
+)
+from steerlm.batching import check_guidance_scale
 from steerlm.conditioning import ConditioningLossArgs
 from steerlm.config import TrainArgs
 from steerlm.data import invariants, templates
@@ -49,6 +58,7 @@ from steerlm.data.records import (
     read_records,
 )
 from steerlm.errors import UserError
+from steerlm.generator import resolve_guidance, saved_guidance
 from steerlm.io import write_json
 
 META = models.MODEL_META
@@ -94,6 +104,14 @@ class Config:
     label_dropout: float = 0.0
     """Fraction of trained assistant turns whose attribute line is left out (seeded), so the model also learns the
     unconditional answer: the neutral condition of attribute guidance (`--guidance_scale` at generation)."""
+    guidance_scale: float | None = None
+    """The attribute guidance the model is saved with (steerlm_model.json `guidance`): `steerlm generate`, `chat`,
+    `serve` and the pipeline check use it where they set none (docs/steering.md, "Guidance against the middle
+    level"). Unset: the base model's when it is a steerlm model (bootstrap's second round keeps the first's), else 1
+    (none)."""
+    guidance_reference: str | None = None
+    """Its neutral condition: '', an attribute string, or 'middle' (`SamplingArgs.guidance_reference`). Unset: the
+    base model's, else ''."""
     group_siblings: bool = False
     """Keep sibling replies to one prompt (records whose last answer has the same parent message) in one batch, so
     answers to the same prompt with different labels are learned side by side."""
@@ -160,6 +178,12 @@ class Config:
             raise ValueError(f"oversample_max must be >= 1, not {self.oversample_max}")
         if self.flip_gap_examples < 0:
             raise ValueError(f"flip_gap_examples must be >= 0, not {self.flip_gap_examples}")
+        if self.guidance_scale is not None:
+            check_guidance_scale(self.guidance_scale)
+        if self.guidance_reference is not None:
+            check_guidance_reference(self.guidance_reference)
+        if self.conditioning == "none" and (self.guidance_scale not in (None, 1.0) or self.guidance_reference):
+            raise ValueError("attribute guidance is meaningless with conditioning 'none'")
 
 
 # ---------------------------------------------------------------- 1. data
@@ -461,6 +485,13 @@ def run(cfg: Config) -> tuple[dict, torch.nn.Module]:
         out_meta["computed"] = computed_to_dict(kept_computed)
     if schema is not None and cfg.label_dropout > 0:
         out_meta["label_dropout"] = cfg.label_dropout  # the unconditional prompt was trained (attribute guidance)
+    if schema is not None:
+        guidance = resolve_guidance({"guidance_scale": cfg.guidance_scale, "guidance_reference": cfg.guidance_reference},
+                                    saved_guidance(meta, f"{cfg.model}/{META}"))  # fmt: skip
+        if guidance["guidance_reference"] not in ("", MIDDLE):
+            schema.parse(guidance["guidance_reference"])  # names and levels: an error now, not at generation
+        if guidance != {"guidance_scale": 1.0, "guidance_reference": ""}:
+            out_meta["guidance"] = {"scale": guidance["guidance_scale"], "reference": guidance["guidance_reference"]}
     if weight > 0:
         out_meta["conditioning_loss"] = {"weight": weight, "distance_power": cfg.conditioning_loss.distance_power,
                                          "corrupt": cfg.conditioning_loss.corrupt,

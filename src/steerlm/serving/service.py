@@ -29,7 +29,7 @@ class Service:
     """What the routes share: the generator, the engine, the APM, limits and metrics."""
 
     def __init__(self, cfg: Config, generator, apm=None):
-        from steerlm.generator import SamplingArgs
+        from steerlm.generator import SamplingArgs, resolve_guidance
 
         self.cfg, self.gen, self.apm, self.SamplingArgs = cfg, generator, apm, SamplingArgs
         self.tokenizer = generator.tokenizer
@@ -43,12 +43,16 @@ class Service:
                 raise UserError(f"{cfg.model} is not attribute-conditioned; it takes no attributes", field="attr")
             levels = dict(parse_assignment(a) for a in cfg.attr)
             self.defaults = generator.schema.validate(levels)
-        if cfg.guidance_scale != 1.0 or cfg.guidance_reference:
+        if cfg.guidance_scale not in (None, 1.0) or cfg.guidance_reference:
             if generator.schema is None:
                 raise UserError(f"{cfg.model} is not attribute-conditioned; it takes no attribute guidance",
                                 field="guidance_scale")  # fmt: skip
+        #: The guidance of steered requests that set none (`GUIDANCE`): the server's flags, else the model's own.
+        self.default_guidance = {name: getattr(cfg, name) for name in GUIDANCE}
+        self.default_guidance.update(resolve_guidance(self.default_guidance, generator.guidance))
+        if generator.schema is not None:
             try:  # a bad reference fails at start-up, not on the first request
-                generator.reference_string(cfg.guidance_reference, self.defaults)
+                generator.reference_string(self.default_guidance["guidance_reference"], self.defaults)
             except UserError as e:
                 raise UserError(f"guidance_reference: {e}", field="guidance_reference") from None
         config = getattr(generator.model, "config", None)
@@ -76,9 +80,7 @@ class Service:
             "attributes": self.schema_info(), "template": self.gen.template, "conditioning": self.gen.conditioning,
             "system": self.gen.system, "context_length": self.context, "apm": apm,
             "guidance": self.gen.schema is not None,
-            "default_guidance": {"scale": self.cfg.guidance_scale, "reference": self.cfg.guidance_reference,
-                                 "plausibility": self.cfg.guidance_plausibility,
-                                 "reference_plausibility": self.cfg.guidance_reference_plausibility}
+            "default_guidance": {name.removeprefix("guidance_"): value for name, value in self.default_guidance.items()}
             if self.gen.schema is not None else None,
             "limits": {"max_tokens": self.cfg.max_tokens, "default_max_tokens": self.cfg.default_max_tokens,
                        "max_n": self.cfg.max_n, "max_prompt_tokens": self.cfg.max_prompt_tokens,
@@ -218,7 +220,7 @@ class Service:
         raw prompt has no attribute line to guide)."""
         own = {name: getattr(req, name) for name in GUIDANCE}
         if steered and self.gen.schema is not None:
-            return {name: getattr(self.cfg, name) if value is None else value for name, value in own.items()}
+            return {name: self.default_guidance[name] if value is None else value for name, value in own.items()}
         return own
 
     def neutral_ids(self, record: Record, sampling, requested: dict[str, Any] | None = None) -> list[int] | None:

@@ -158,6 +158,7 @@ def test_the_model_keeps_the_guidance_it_was_trained_for(data_dir, tmp_path, cap
     assert cli.run(["sft", *common, f"--out={first}", "--guidance_scale=2", "--guidance_reference=middle"]) == 0
     assert models.read_meta(first / "best", "steerlm_model.json")["guidance"] == {"scale": 2.0, "reference": "middle"}
     assert Generator.load(str(first / "best")).guidance == (2.0, "middle")
+    assert "s = 2 against `middle`" in (first / "best" / "README.md").read_text()  # the model card says so
     assert cli.run(["sft", *common[1:], f"--model={first / 'best'}", f"--out={second}", "--guidance_scale=3"]) == 0
     assert Generator.load(str(second / "best")).guidance == (3.0, "middle")
     capsys.readouterr()

@@ -195,6 +195,11 @@ def _training_rows(stage: str, meta: Mapping, config: Mapping, summary: Mapping)
         rows.append(("conditioning", str(meta["conditioning"])))
     if meta.get("label_dropout"):
         rows.append(("label dropout", f"{meta['label_dropout']} (the unconditional prompt was trained)"))
+    guidance = meta.get("guidance")
+    if isinstance(guidance, Mapping) and "scale" in guidance:
+        against = f" against `{guidance['reference']}`" if guidance.get("reference") else ""
+        rows.append(("attribute guidance", f"s = {_fmt(guidance['scale'])}{against} (generate, chat and serve "
+                                           "use it by default; `--guidance_scale=1` turns it off)"))  # fmt: skip
     for key in ("lr", "epochs", "max_steps", "batch_size", "grad_accum", "max_length"):
         if key in train:
             rows.append((f"train.{key}", _fmt(train[key])))

@@ -164,7 +164,8 @@ def test_the_model_keeps_the_guidance_it_was_trained_for(data_dir, tmp_path, cap
     capsys.readouterr()
     assert cli.run(["sft", *common, f"--out={tmp_path / 'bad'}", "--guidance_scale=2",
                     "--guidance_reference=funny:1"]) == 2  # fmt: skip
-    assert "unknown attribute 'funny'" in capsys.readouterr().err
+    assert "guidance_reference: unknown attribute 'funny'" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()  # refused before anything was written
     with pytest.raises(ValueError, match="meaningless with conditioning 'none'"):
         sft.Config(model="tiny-lm", data="d", out="o", conditioning="none", guidance_scale=2)
 

@@ -401,6 +401,16 @@ def run(cfg: Config) -> tuple[dict, torch.nn.Module]:
         raise UserError("min_quality needs quality labels, and no record has one", file=str(train_file))
     if cfg.min_quality > levels - 1:
         raise UserError(f"min_quality {cfg.min_quality} is above the top level {levels - 1}", field="min_quality")
+    # the guidance saved with the model (its base's unless set): names and levels checked now, not at generation
+    guidance = {"guidance_scale": 1.0, "guidance_reference": ""}
+    if schema is not None:
+        guidance = resolve_guidance({"guidance_scale": cfg.guidance_scale, "guidance_reference": cfg.guidance_reference},
+                                    saved_guidance(meta, f"{cfg.model}/{META}"))  # fmt: skip
+        if guidance["guidance_reference"] not in ("", MIDDLE):
+            try:
+                schema.parse(guidance["guidance_reference"])
+            except UserError as e:
+                raise UserError(e.reason, field="guidance_reference") from None
     kw = dict(data=data, schema=schema, min_quality=cfg.min_quality, stats=stats)
     train_records = condition(train_records, file=str(train_file), **kw)
     val_records = condition(val_records, file=str(val_file or train_file), **kw)
@@ -485,13 +495,8 @@ def run(cfg: Config) -> tuple[dict, torch.nn.Module]:
         out_meta["computed"] = computed_to_dict(kept_computed)
     if schema is not None and cfg.label_dropout > 0:
         out_meta["label_dropout"] = cfg.label_dropout  # the unconditional prompt was trained (attribute guidance)
-    if schema is not None:
-        guidance = resolve_guidance({"guidance_scale": cfg.guidance_scale, "guidance_reference": cfg.guidance_reference},
-                                    saved_guidance(meta, f"{cfg.model}/{META}"))  # fmt: skip
-        if guidance["guidance_reference"] not in ("", MIDDLE):
-            schema.parse(guidance["guidance_reference"])  # names and levels: an error now, not at generation
-        if guidance != {"guidance_scale": 1.0, "guidance_reference": ""}:
-            out_meta["guidance"] = {"scale": guidance["guidance_scale"], "reference": guidance["guidance_reference"]}
+    if guidance != {"guidance_scale": 1.0, "guidance_reference": ""}:
+        out_meta["guidance"] = {"scale": guidance["guidance_scale"], "reference": guidance["guidance_reference"]}
     if weight > 0:
         out_meta["conditioning_loss"] = {"weight": weight, "distance_power": cfg.conditioning_loss.distance_power,
                                          "corrupt": cfg.conditioning_loss.corrupt,

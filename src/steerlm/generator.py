@@ -135,6 +135,10 @@ class CommandSampling(SamplingArgs):
             check_guidance_scale(self.guidance_scale)
 
 
+#: (scale, reference) of no attribute guidance: what a model saved without a `guidance` entry recommends.
+NO_GUIDANCE: tuple[float, str] = (1.0, "")
+
+
 def sampling_from(cfg, gen: Generator) -> SamplingArgs:
     """The SamplingArgs part of a config that extends it (generate.Config, chat.Config), with the guidance it leaves
     unset (None) taken from `gen.guidance`, the model's own."""
@@ -152,11 +156,11 @@ def resolve_guidance(values: Mapping[str, Any], saved: tuple[float, str]) -> dic
 
 def saved_guidance(meta: Mapping | None, source: str = META) -> tuple[float, str]:
     """The attribute guidance a model folder recommends (its steerlm_model.json `guidance`: {"scale": s, "reference":
-    r}, written by `steerlm sft --guidance_scale`), as (scale, reference); (1.0, '') when it has none. UserError
+    r}, written by `steerlm sft --guidance_scale`), as (scale, reference); NO_GUIDANCE when it has none. UserError
     naming `source` when the entry is malformed."""
     entry = (meta or {}).get("guidance")
     if entry is None:
-        return 1.0, ""
+        return NO_GUIDANCE
     try:
         scale, reference = float(entry["scale"]), str(entry.get("reference", ""))
         check_guidance_scale(scale)
@@ -198,7 +202,7 @@ class Generator:
         self.template, self.conditioning, self.system = template, conditioning, system
         #: The attribute guidance (scale, reference) the model was saved with (`saved_guidance`): what commands,
         #: the server and the pipeline check use where they set none. Library calls pass SamplingArgs explicitly.
-        self.guidance: tuple[float, str] = (1.0, "")
+        self.guidance: tuple[float, str] = NO_GUIDANCE
         #: Computed attributes of the model (`verbosity` -> its length buckets, from `steerlm_model.json`), so the
         #: steerability check measures answers with the edges the model was trained with.
         self.computed: dict[str, LengthBuckets] = {}

@@ -127,6 +127,7 @@ def main(cfg: Config) -> dict:
     # The pipeline is an orchestrator: it runs these stages (their Config and main), so it alone, with rlhf and
     # bootstrap, may import stage modules (tests/test_architecture.py); imported here so `--help` stays fast.
     from steerlm import annotate, apm, bootstrap, prepare, sft
+    from steerlm.generator import saved_guidance
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -201,20 +202,11 @@ def main(cfg: Config) -> dict:
     print(f"\n(plot: {check_dir / 'steerability.png'})")
     demo(model, cfg.check)
     print("\nserve it with the check's guidance (the playground at http://127.0.0.1:8000/):\n  "
-          + serve_command(model, apm_model, cfg.check, model_guidance(model)))  # fmt: skip
+          + serve_command(model, apm_model, cfg.check,
+                          saved_guidance(sft.base_meta(model), str(Path(model) / sft.META))))  # fmt: skip
     summary = {"model": model, "apm": apm_model, "stages": [r.__dict__ for r in results]}
     write_json(out / "summary.json", summary)
     return summary
-
-
-def model_guidance(model: str) -> tuple[float, str]:
-    """The guidance a model folder was saved with (`generator.saved_guidance`), read without loading the model."""
-    from steerlm import models
-    from steerlm.generator import saved_guidance
-
-    meta_file = Path(model) / models.MODEL_META
-    return saved_guidance(models.read_meta(Path(model), models.MODEL_META) if meta_file.is_file() else None,
-                          str(meta_file))  # fmt: skip
 
 
 def with_guidance(check: CheckArgs, saved: tuple[float, str]) -> CheckArgs:
@@ -224,9 +216,12 @@ def with_guidance(check: CheckArgs, saved: tuple[float, str]) -> CheckArgs:
     return replace(check, **resolve_guidance(to_dict(check), saved))
 
 
-def serve_command(model: str, apm: str, check: CheckArgs, saved: tuple[float, str] = (1.0, "")) -> str:
+def serve_command(model: str, apm: str, check: CheckArgs, saved: tuple[float, str] | None = None) -> str:
     """The `steerlm serve` line for the pipeline's model with the check's guidance as the server default: flags only
-    where it differs from the model's `saved` guidance, which the server uses by default."""
+    where it differs from the model's `saved` guidance (default: none), which the server uses by default."""
+    from steerlm.generator import NO_GUIDANCE
+
+    saved = saved or NO_GUIDANCE
     check = with_guidance(check, saved)
     words = ["steerlm", "serve", f"--model={model}", f"--apm={apm}"]
     if (check.guidance_scale, check.guidance_reference) != saved:

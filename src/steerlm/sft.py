@@ -58,7 +58,7 @@ from steerlm.data.records import (
     read_records,
 )
 from steerlm.errors import UserError
-from steerlm.generator import resolve_guidance, saved_guidance
+from steerlm.generator import NO_GUIDANCE, resolve_guidance, saved_guidance
 from steerlm.io import write_json
 
 META = models.MODEL_META
@@ -402,13 +402,14 @@ def run(cfg: Config) -> tuple[dict, torch.nn.Module]:
     if cfg.min_quality > levels - 1:
         raise UserError(f"min_quality {cfg.min_quality} is above the top level {levels - 1}", field="min_quality")
     # the guidance saved with the model (its base's unless set): names and levels checked now, not at generation
-    guidance = {"guidance_scale": 1.0, "guidance_reference": ""}
+    guidance = NO_GUIDANCE
     if schema is not None:
-        guidance = resolve_guidance({"guidance_scale": cfg.guidance_scale, "guidance_reference": cfg.guidance_reference},
+        resolved = resolve_guidance({"guidance_scale": cfg.guidance_scale, "guidance_reference": cfg.guidance_reference},
                                     saved_guidance(meta, f"{cfg.model}/{META}"))  # fmt: skip
-        if guidance["guidance_reference"] not in ("", MIDDLE):
+        guidance = (resolved["guidance_scale"], resolved["guidance_reference"])
+        if guidance[1] not in ("", MIDDLE):
             try:
-                schema.parse(guidance["guidance_reference"])
+                schema.parse(guidance[1])
             except UserError as e:
                 raise UserError(e.reason, field="guidance_reference") from None
     kw = dict(data=data, schema=schema, min_quality=cfg.min_quality, stats=stats)
@@ -495,8 +496,8 @@ def run(cfg: Config) -> tuple[dict, torch.nn.Module]:
         out_meta["computed"] = computed_to_dict(kept_computed)
     if schema is not None and cfg.label_dropout > 0:
         out_meta["label_dropout"] = cfg.label_dropout  # the unconditional prompt was trained (attribute guidance)
-    if guidance != {"guidance_scale": 1.0, "guidance_reference": ""}:
-        out_meta["guidance"] = {"scale": guidance["guidance_scale"], "reference": guidance["guidance_reference"]}
+    if guidance != NO_GUIDANCE:
+        out_meta["guidance"] = {"scale": guidance[0], "reference": guidance[1]}
     if weight > 0:
         out_meta["conditioning_loss"] = {"weight": weight, "distance_power": cfg.conditioning_loss.distance_power,
                                          "corrupt": cfg.conditioning_loss.corrupt,

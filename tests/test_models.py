@@ -299,6 +299,18 @@ def test_read_meta_errors(tmp_path):
         models.read_meta(tmp_path, "steerlm_rm.json")
 
 
+def test_model_meta_is_optional_but_never_silently_malformed(tmp_path):
+    # a registry name and a plain Hugging Face folder have no steerlm meta; a steerlm folder's is read as it is
+    assert models.model_meta("smollm2-135m-instruct") is None
+    assert models.model_meta(tmp_path) is None
+    (tmp_path / "steerlm_model.json").write_text('{"template": "chat"}')
+    assert models.model_meta(str(tmp_path)) == {"template": "chat"}
+    (tmp_path / "steerlm_model.json").write_text("[1]")
+    with pytest.raises(UserError, match="expected a JSON object") as e:
+        models.model_meta(tmp_path)
+    assert "steerlm_model.json" in str(e.value)
+
+
 def test_unknown_names_are_user_errors(tmp_path, monkeypatch):
     import huggingface_hub.constants
 

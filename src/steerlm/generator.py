@@ -217,7 +217,7 @@ class Generator:
         """Load a steerlm model folder (reads `steerlm_model.json`; LoRA adapter folders too) or any causal LM
         `models.load_causal_lm` accepts (then: chat template, no attributes). `template` overrides the style."""
         folder = Path(str(path_or_name)).expanduser()
-        meta = models.read_meta(folder, META) if (folder / META).is_file() else None
+        meta = models.model_meta(folder)
         model, tokenizer = models.load_causal_lm(str(path_or_name), dtype=dtype, device=device)
         schema, style, conditioning = None, "chat", "none"
         if meta is not None:

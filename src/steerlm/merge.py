@@ -43,7 +43,7 @@ def merge(adapter: str, dtype=None):
     folder = Path(adapter)
     if not (folder / "adapter_config.json").is_file():
         raise UserError("is not a LoRA adapter folder (no adapter_config.json)", file=adapter)
-    meta = models.read_meta(folder, META) if (folder / META).is_file() else None
+    meta = models.model_meta(folder)
     model, tokenizer = models.load_causal_lm(adapter, dtype=dtype)
     merged = model.merge_and_unload()
     if meta is not None:

@@ -593,6 +593,13 @@ def read_meta(folder: str | Path, meta_name: str) -> dict:
     return value
 
 
+def model_meta(folder: str | Path) -> dict | None:
+    """The steerlm_model.json of a model folder, or None where there is none (a plain Hugging Face folder or a
+    registry name such as `smollm2-135m-instruct`). Malformed JSON is a UserError naming the file (`read_meta`)."""
+    folder = Path(folder).expanduser()
+    return read_meta(folder, MODEL_META) if (folder / MODEL_META).is_file() else None
+
+
 def publish_into(staging: str | Path, out: str | Path, meta_name: str) -> None:
     """Move a model saved in `staging` into the existing folder `out` file by file, its meta JSON last and removed
     first: a folder holding `meta_name` is always a complete model, while other files of `out` (checkpoint/,

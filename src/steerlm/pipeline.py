@@ -126,7 +126,7 @@ def _build(module, section: dict, fixed: dict, name: str):
 def main(cfg: Config) -> dict:
     # The pipeline is an orchestrator: it runs these stages (their Config and main), so it alone, with rlhf and
     # bootstrap, may import stage modules (tests/test_architecture.py); imported here so `--help` stays fast.
-    from steerlm import annotate, apm, bootstrap, prepare, sft
+    from steerlm import annotate, apm, bootstrap, models, prepare, sft
     from steerlm.generator import saved_guidance
 
     out = Path(cfg.out)
@@ -203,7 +203,7 @@ def main(cfg: Config) -> dict:
     demo(model, cfg.check)
     print("\nserve it with the check's guidance (the playground at http://127.0.0.1:8000/):\n  "
           + serve_command(model, apm_model, cfg.check,
-                          saved_guidance(sft.base_meta(model), str(Path(model) / sft.META))))  # fmt: skip
+                          saved_guidance(models.model_meta(model), str(Path(model) / models.MODEL_META))))  # fmt: skip
     summary = {"model": model, "apm": apm_model, "stages": [r.__dict__ for r in results]}
     write_json(out / "summary.json", summary)
     return summary

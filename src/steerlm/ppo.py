@@ -373,7 +373,7 @@ def load_policy(cfg: Config, device):
     same model with its adapter disabled, so the copy is None) or with all weights trainable beside a frozen copy
     of π_SFT."""
     folder = Path(cfg.policy)
-    meta = models.read_meta(folder, META) if (folder / META).is_file() else {}
+    meta = models.model_meta(folder) or {}
     model, tokenizer = models.load_causal_lm(cfg.policy, device=device)
     if hasattr(model, "merge_and_unload"):  # a LoRA SFT model: its merged weights are π_SFT
         model = model.merge_and_unload()

@@ -282,11 +282,6 @@ def encode_records(records: list[Record], tokenizer, style: str, max_length: int
 # ---------------------------------------------------------------- 2. model
 
 
-def base_meta(name: str) -> dict | None:
-    folder = Path(name).expanduser()
-    return models.read_meta(folder, META) if (folder / META).is_file() else None
-
-
 def load_model(cfg: Config, accelerator):
     """(model, tokenizer, lora): the base model, with LoRA applied when `train.lora.r > 0`. A LoRA adapter folder as
     base keeps training its adapter (LoRA) or is merged into its base first (full fine-tuning)."""
@@ -367,7 +362,7 @@ def run(cfg: Config) -> tuple[dict, torch.nn.Module]:
         train_records, val_records = split_by_tree(train_records, cfg.val_fraction, cfg.train.seed)
     if not train_records:
         raise UserError("no training records", file=str(train_file))
-    meta = base_meta(cfg.model)
+    meta = models.model_meta(cfg.model)
     levels = (
         cfg.levels or ((meta.get("attributes") or {}).get("levels") if meta else 0) or data_levels(train_file) or 10
     )

@@ -73,7 +73,7 @@ def model_info(spec: ModelSpec) -> dict:
     """What planning needs from a model without loading it: its steerlm_model.json (attribute schema, template,
     conditioning), the training config beside it (for the report), and a fingerprint of its files."""
     folder = Path(spec.path).expanduser()
-    meta = models.read_meta(folder, MODEL_META) if (folder / MODEL_META).is_file() else None
+    meta = models.model_meta(folder)
     schema = None
     if meta and meta.get("attributes"):
         conditioning = meta.get("conditioning", "attributes")

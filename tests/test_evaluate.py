@@ -38,11 +38,12 @@ class ScriptedGenerator:
     `skill(prompt)` stars, the quality a judge sees."""
 
     def __init__(self, name: str, skill):
-        self.name, self.skill, self.calls, self.asked = name, skill, 0, []
+        self.name, self.skill, self.calls, self.asked, self.samplings = name, skill, 0, [], []
 
     def generate(self, conversations, attributes, sampling, batch_size=8):
         self.calls += 1
         self.asked += list(attributes)
+        self.samplings.append(sampling)
         out = []
         for conv, levels in zip(conversations, attributes, strict=True):
             text = conv if isinstance(conv, str) else conv.conversations[-1].value
@@ -384,12 +385,36 @@ def test_per_model_sampling_is_part_of_the_cache_key(tmp_path):
     assert cfg.sampling_for("hot").temperature == 1.3 and cfg.sampling_for("plain").temperature == 0.7
     assert cfg.sampling_for("hot").seed == cfg.sampling.seed  # the rest comes from the global settings
     prompt = planning.Prompt("p", 0, "hi", "hi", "pid", "hi")
-    keys = {planning.generation_key(cfg, m, prompt, {"humor": 1}) for m in cfg.models}
+    info = planning.model_info(cfg.models[0])
+    keys = {planning.generation_key(cfg, m, prompt, {"humor": 1}, info) for m in cfg.models}
     assert len(keys) == 2
     # settings at SamplingArgs' defaults are left out of the key: a setting added later keeps cached answers valid
     assert planning.sampling_key(cfg.sampling_for("hot")) == {"max_new_tokens": 128, "temperature": 1.3, "seed": 7}
     with pytest.raises(UserError, match="model bad: sampling"):
         config_lib.build(evaluate.Config, {**base, "models": [{"name": "bad", "path": "p", "sampling": {"nope": 1}}]})
+
+
+def test_a_model_samples_with_its_saved_guidance_unless_the_config_sets_one(tmp_path):
+    # as in `steerlm generate` and `serve`: guidance the evaluation leaves unset is the model's own
+    keys = []
+    for i, (sampling, strong) in enumerate((({"max_new_tokens": 8}, (2.0, "middle")),
+                                            ({"max_new_tokens": 8, "guidance_scale": 1}, (1.0, "middle")))):  # fmt: skip
+        cfg, loaders, gens, _ = _scripted_setup(tmp_path / str(i), n_prompts=8, sampling=sampling,
+                                                quality={"enabled": False}, ablation={"rows": {}})  # fmt: skip
+        meta_file = tmp_path / str(i) / "models" / "strong" / "steerlm_model.json"
+        meta_file.write_text(json.dumps({**json.loads(meta_file.read_text()),
+                                         "guidance": {"scale": 2.0, "reference": "middle"}}))  # fmt: skip
+        results = evaluate.main(cfg, loaders)
+        assert {(s.guidance_scale, s.guidance_reference) for s in gens["strong"].samplings} == {strong}
+        assert {(s.guidance_scale, s.guidance_reference) for s in gens["mid"].samplings} == {(1.0, "")}
+        assert results["models"]["strong"]["sampling"].get("guidance_scale", 1.0) == strong[0]
+        notes = [n for n in results["notes"] if "attribute guidance" in n]
+        assert notes == (["`strong` samples with attribute guidance s = 2 against `middle` (saved with the model; "
+                          "`sampling: {guidance_scale: 1}` evaluates it unguided)."] if i == 0 else [])  # fmt: skip
+        strong_spec = next(m for m in cfg.models if m.name == "strong")
+        prompt = planning.Prompt("p", 0, "hi", "hi", "pid", "hi")
+        keys.append(planning.generation_key(cfg, strong_spec, prompt, None, planning.model_info(strong_spec)))
+    assert keys[0] != keys[1]  # guided and unguided answers of one model are cached apart
 
 
 # ---------------------------------------------------------------- statistics

@@ -40,14 +40,17 @@ from steerlm.evaluation.judging import judge_missing, load_judge
 from steerlm.evaluation.planning import (
     check_measuring_apm,
     check_paths,
+    guidance_note,
     model_infos,
+    model_sampling,
     plan_quality,
     plan_steerability,
     read_prompt_set,
+    sampling_key,
 )
 from steerlm.evaluation.report import build_report, print_summary, write_report
 from steerlm.evaluation.statistics import ABLATION_ROWS, ablation_results, quality_results, steer_curves
-from steerlm.generator import SamplingArgs
+from steerlm.generator import NO_GUIDANCE, CommandSampling, SamplingArgs, resolve_guidance
 from steerlm.io import write_json
 
 # ---------------------------------------------------------------- settings
@@ -209,8 +212,8 @@ class ReportArgs:
     """Longer sample answers are cut to this many characters in the report (the cache keeps them whole)."""
 
 
-def _default_sampling() -> SamplingArgs:
-    return SamplingArgs(max_new_tokens=128, temperature=0.7, top_p=0.9, seed=7)
+def _default_sampling() -> CommandSampling:
+    return CommandSampling(max_new_tokens=128, temperature=0.7, top_p=0.9, seed=7)
 
 
 @dataclass
@@ -221,8 +224,10 @@ class Config:
     """Prompt sets: a list of {name, path[, limit]}."""
     out: str = "runs/eval"
     """Output folder: report.md, report.html, results.json, plots/, cache/ (re-using it resumes)."""
-    sampling: SamplingArgs = field(default_factory=_default_sampling)
-    """How every model samples its answers (part of the cache key)."""
+    sampling: CommandSampling = field(default_factory=_default_sampling)
+    """How every model samples its answers (part of the cache key). Guidance left unset is each model's own, the one
+    it was saved with (`steerlm sft --guidance_scale`), as `steerlm generate` and `serve` apply it; `guidance_scale:
+    1` evaluates every model unguided."""
     batch_size: int = 8
     """Prompts generated together."""
     dtype: str = "fp32"
@@ -291,12 +296,12 @@ class Config:
         if self.ablation.rows and not self.quality.enabled:
             raise ValueError("the ablation table needs the quality comparison (quality.enabled)")
 
-    def sampling_for(self, name: str) -> SamplingArgs:
-        """The global sampling settings with model `name`'s own over them."""
+    def sampling_for(self, name: str, saved: tuple[float, str] = NO_GUIDANCE) -> SamplingArgs:
+        """The global sampling settings with model `name`'s own over them, the guidance both leave unset taken from
+        `saved`, the model's (`generator.saved_guidance`)."""
         spec = next(m for m in self.models if m.name == name)
-        if not spec.sampling:
-            return self.sampling
-        return config_lib.build(SamplingArgs, {**config_lib.to_dict(self.sampling), **spec.sampling})
+        values = {**config_lib.to_dict(self.sampling), **spec.sampling}
+        return config_lib.build(SamplingArgs, {**values, **resolve_guidance(values, saved)})
 
     @property
     def reference(self) -> str:
@@ -359,7 +364,7 @@ def main(cfg: Config, loaders: Loaders | None = None) -> dict:
         Cache(cache_dir / SCORES),
         Cache(cache_dir / VERDICTS),
     )
-    notes: list[str] = []
+    notes: list[str] = [n for m in cfg.models if (n := guidance_note(cfg, m.name, infos[m.name]))]
 
     # 1. plan every answer needed: steered answers, and each compared model's answers at its defaults
     steer_jobs = plan_steerability(cfg, specs, infos, prompts, notes)
@@ -377,7 +382,8 @@ def main(cfg: Config, loaders: Loaders | None = None) -> dict:
     used = {k: {"read": len(v), "steerability": len({j.prompt.pid for j in steer_jobs if j.prompt.set == k}),
                 "quality": sum(p.set == k for p in quality_prompts)} for k, v in prompts.items()}  # fmt: skip
     results: dict[str, Any] = {"prompt_sets": used,
-                               "models": {n: {"path": i["path"], "schema": i["schema"], "fingerprint": i["fingerprint"]}
+                               "models": {n: {"path": i["path"], "schema": i["schema"], "fingerprint": i["fingerprint"],
+                                              "sampling": sampling_key(model_sampling(cfg, n, i))}
                                           for n, i in infos.items()}}  # fmt: skip
     curves = steer_curves(cfg, steer_jobs, measured, infos, notes)
     if curves:

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from steerlm.attributes import AttributeSchema
 from steerlm.errors import UserError
 from steerlm.evaluation.cache import Cache, fill, free_memory, fresh, missing_error, path_fingerprint
-from steerlm.evaluation.planning import Job, schema_of, score_key, scored_record
+from steerlm.evaluation.planning import Job, model_sampling, schema_of, score_key, scored_record
 
 if TYPE_CHECKING:  # the settings live in the stage module, which imports this one
     from steerlm.evaluate import Config, ModelSpec
@@ -40,7 +40,7 @@ def generate_missing(cfg: Config, specs: dict[str, ModelSpec], infos: dict[str, 
                 part = items[start : start + step]
                 asked = [j.attributes if j.named is None or j.attributes is None else j.named for j in part]
                 answers = gen.generate([j.prompt.conversation for j in part], asked,
-                                       cfg.sampling_for(name), batch_size=cfg.batch_size)  # fmt: skip
+                                       model_sampling(cfg, name, infos[name]), batch_size=cfg.batch_size)  # fmt: skip
                 cache.add([{"key": j.key, "model": name, "path": spec.path, "fp": infos[name]["fingerprint"],
                             "prompt_id": j.prompt.pid, "attributes": j.attributes, "answer": a}
                            for j, a in zip(part, answers, strict=True)])  # fmt: skip

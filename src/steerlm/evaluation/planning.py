@@ -23,7 +23,7 @@ from steerlm.data.records import ASSISTANT, USER, Record, Turn
 from steerlm.errors import UserError
 from steerlm.evaluation.cache import CACHE_VERSION, MODELS, key_of, path_fingerprint
 from steerlm.generator import META as MODEL_META
-from steerlm.generator import SamplingArgs
+from steerlm.generator import SamplingArgs, saved_guidance
 
 if TYPE_CHECKING:  # the settings live in the stage module, which imports this one
     from steerlm.evaluate import Config, ModelSpec, PromptSet
@@ -184,12 +184,32 @@ def sampling_key(sampling: SamplingArgs) -> dict:
     return {k: v for k, v in config_lib.to_dict(sampling).items() if defaults.get(k, object()) != v}
 
 
-def generation_key(cfg: Config, spec: ModelSpec, prompt: Prompt, attributes: dict | None) -> str:
+def model_sampling(cfg: Config, name: str, info: dict) -> SamplingArgs:
+    """How model `name` samples: the evaluation's settings over the guidance saved with the model (its info's meta),
+    which fills in what they leave unset, as in `steerlm generate`."""
+    return cfg.sampling_for(name, saved_guidance(info.get("meta"), f"{info['path']}/{MODEL_META}"))
+
+
+def guidance_note(cfg: Config, name: str, info: dict) -> str | None:
+    """A report note for a model that samples with attribute guidance, saying where its scale came from; None for a
+    model sampled unguided."""
+    used = model_sampling(cfg, name, info)
+    if used.guidance_scale == 1.0:
+        return None
+    spec = next(m for m in cfg.models if m.name == name)
+    configured = cfg.sampling.guidance_scale is not None or "guidance_scale" in spec.sampling
+    against = f"`{used.guidance_reference}`" if used.guidance_reference else "the unconditional prompt"
+    return (f"`{name}` samples with attribute guidance s = {used.guidance_scale:g} against {against} "
+            f"({'set in this config' if configured else 'saved with the model'}; `sampling: {{guidance_scale: 1}}` "
+            "evaluates it unguided).")  # fmt: skip
+
+
+def generation_key(cfg: Config, spec: ModelSpec, prompt: Prompt, attributes: dict | None, info: dict) -> str:
     # fp32, the default, keys as '' (its old spelling), so that caches written before stay valid.
     dtype = "" if cfg.dtype == "fp32" else cfg.dtype
     return key_of({"v": CACHE_VERSION, "path": spec.path, "template": config_lib.unless_auto(spec.template) or "", "dtype": dtype,
                    "prompt": prompt.json, "attributes": attributes,
-                   "sampling": sampling_key(cfg.sampling_for(spec.name))})  # fmt: skip
+                   "sampling": sampling_key(model_sampling(cfg, spec.name, info))})  # fmt: skip
 
 
 def score_key(scorer: str, prompt: Prompt, answer: str) -> str:
@@ -234,7 +254,7 @@ def plan_steerability(cfg: Config, specs: dict[str, ModelSpec], infos: dict[str,
             for lv in levels:
                 attrs = schema.with_defaults({attr: lv}) if schema else None
                 for p in chosen:
-                    jobs.append(Job(name, p, attrs, generation_key(cfg, specs[name], p, attrs), attr, lv,
+                    jobs.append(Job(name, p, attrs, generation_key(cfg, specs[name], p, attrs, infos[name]), attr, lv,
                                     named={attr: lv}))  # fmt: skip
     return jobs
 
@@ -266,5 +286,7 @@ def plan_quality(cfg: Config, specs: dict[str, ModelSpec], infos: dict[str, dict
         schema = schema_of(infos[name])
         attrs = schema.with_defaults(specs[name].attributes) if schema else None
         named = dict(specs[name].attributes or {})
-        jobs += [Job(name, p, attrs, generation_key(cfg, specs[name], p, attrs), named=named) for p in chosen]
+        jobs += [
+            Job(name, p, attrs, generation_key(cfg, specs[name], p, attrs, infos[name]), named=named) for p in chosen
+        ]
     return jobs, pairs, chosen

@@ -121,6 +121,26 @@ def test_fluency_scores_every_model_on_the_same_prompts(tmp_path):
         assert done.returncode == 2 and "--guided" in done.stderr
 
 
+def test_plot_steer_checks_draws_every_line_and_refuses_a_malformed_one(tmp_path):
+    def report(path, scale, measured):
+        result = {"attribute": "verbosity", "requested": [0, 1, 2], "measured_mean": measured, "spearman": 0.5,
+                  "spearman_ci": [0.1, 0.9]}  # fmt: skip
+        path.write_text(json.dumps({"scales": {scale: {"verbosity": result}}}))
+        return path
+
+    a, b = report(tmp_path / "a.json", "2", [0.0, 1.0, 2.0]), report(tmp_path / "b.json", "1", [1.0, 1.0, 1.0])
+    out = run_benchmark("plot_steer_checks", f"--line=OASST|steered={a}@2", f"--line=OASST|plain={b}@1",
+                        f"--line=MT-Bench|steered={a}@2", f"--out={tmp_path / 'p.png'}")  # fmt: skip
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "wrote" in out
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    for bad in (f"--line=no panel={a}@2", f"--line=OASST|steered={a}@3"):
+        done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "plot_steer_checks.py"), bad,
+                               f"--out={tmp_path / 'q.png'}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=120)  # fmt: skip
+        assert done.returncode != 0 and ("PANEL|LABEL" in done.stderr or "no scale 3" in done.stderr)
+    assert not (tmp_path / "q.png").exists()
+
+
 def _floats(value) -> list[float]:
     """Every number in a JSON value."""
     if isinstance(value, dict):

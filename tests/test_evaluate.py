@@ -386,7 +386,10 @@ def test_per_model_sampling_is_part_of_the_cache_key(tmp_path):
     assert cfg.sampling_for("hot").seed == cfg.sampling.seed  # the rest comes from the global settings
     prompt = planning.Prompt("p", 0, "hi", "hi", "pid", "hi")
     info = planning.model_info(cfg.models[0])
-    keys = {planning.generation_key(cfg, m, prompt, {"humor": 1}, info) for m in cfg.models}
+    keys = {
+        planning.generation_key(cfg, m, prompt, {"humor": 1}, planning.model_sampling(cfg, m.name, info))
+        for m in cfg.models
+    }
     assert len(keys) == 2
     # settings at SamplingArgs' defaults are left out of the key: a setting added later keeps cached answers valid
     assert planning.sampling_key(cfg.sampling_for("hot")) == {"max_new_tokens": 128, "temperature": 1.3, "seed": 7}
@@ -413,7 +416,8 @@ def test_a_model_samples_with_its_saved_guidance_unless_the_config_sets_one(tmp_
                           "`sampling: {guidance_scale: 1}` evaluates it unguided)."] if i == 0 else [])  # fmt: skip
         strong_spec = next(m for m in cfg.models if m.name == "strong")
         prompt = planning.Prompt("p", 0, "hi", "hi", "pid", "hi")
-        keys.append(planning.generation_key(cfg, strong_spec, prompt, None, planning.model_info(strong_spec)))
+        sampling = planning.model_sampling(cfg, "strong", planning.model_info(strong_spec))
+        keys.append(planning.generation_key(cfg, strong_spec, prompt, None, sampling))
     assert keys[0] != keys[1]  # guided and unguided answers of one model are cached apart
 
 

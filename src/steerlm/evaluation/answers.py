@@ -33,14 +33,14 @@ def generate_missing(cfg: Config, specs: dict[str, ModelSpec], infos: dict[str, 
     for name, pending in todo.items():
         spec, items = specs[name], list(pending.values())
         print(f"[generate] {name}: {len(items)} answers from {spec.path}", flush=True)
-        gen = loader(spec, cfg)
+        gen, sampling = loader(spec, cfg), model_sampling(cfg, name, infos[name])
         step = cfg.batch_size * 4
         with tqdm(total=len(items), desc=name, unit="answer", leave=False) as bar:
             for start in range(0, len(items), step):
                 part = items[start : start + step]
                 asked = [j.attributes if j.named is None or j.attributes is None else j.named for j in part]
                 answers = gen.generate([j.prompt.conversation for j in part], asked,
-                                       model_sampling(cfg, name, infos[name]), batch_size=cfg.batch_size)  # fmt: skip
+                                       sampling, batch_size=cfg.batch_size)  # fmt: skip
                 cache.add([{"key": j.key, "model": name, "path": spec.path, "fp": infos[name]["fingerprint"],
                             "prompt_id": j.prompt.pid, "attributes": j.attributes, "answer": a}
                            for j, a in zip(part, answers, strict=True)])  # fmt: skip

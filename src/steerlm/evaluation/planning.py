@@ -204,12 +204,14 @@ def guidance_note(cfg: Config, name: str, info: dict) -> str | None:
             "evaluates it unguided).")  # fmt: skip
 
 
-def generation_key(cfg: Config, spec: ModelSpec, prompt: Prompt, attributes: dict | None, info: dict) -> str:
+def generation_key(cfg: Config, spec: ModelSpec, prompt: Prompt, attributes: dict | None,
+                   sampling: SamplingArgs) -> str:  # fmt: skip
+    """The cache key of one answer; `sampling` is the model's (`model_sampling`), resolved once per model."""
     # fp32, the default, keys as '' (its old spelling), so that caches written before stay valid.
     dtype = "" if cfg.dtype == "fp32" else cfg.dtype
     return key_of({"v": CACHE_VERSION, "path": spec.path, "template": config_lib.unless_auto(spec.template) or "", "dtype": dtype,
                    "prompt": prompt.json, "attributes": attributes,
-                   "sampling": sampling_key(model_sampling(cfg, spec.name, info))})  # fmt: skip
+                   "sampling": sampling_key(sampling)})  # fmt: skip
 
 
 def score_key(scorer: str, prompt: Prompt, answer: str) -> str:
@@ -238,7 +240,7 @@ def plan_steerability(cfg: Config, specs: dict[str, ModelSpec], infos: dict[str,
     chosen = _take(prompts, s.prompts, s.num_prompts)
     jobs = []
     for name in names:
-        schema = schema_of(infos[name])
+        schema, sampling = schema_of(infos[name]), model_sampling(cfg, name, infos[name])
         if schema is None:
             notes.append(f"Steerability: `{name}` has no attribute conditioning; it is steered as a control (its "
                          "answers cannot depend on the requested level).")  # fmt: skip
@@ -254,7 +256,7 @@ def plan_steerability(cfg: Config, specs: dict[str, ModelSpec], infos: dict[str,
             for lv in levels:
                 attrs = schema.with_defaults({attr: lv}) if schema else None
                 for p in chosen:
-                    jobs.append(Job(name, p, attrs, generation_key(cfg, specs[name], p, attrs, infos[name]), attr, lv,
+                    jobs.append(Job(name, p, attrs, generation_key(cfg, specs[name], p, attrs, sampling), attr, lv,
                                     named={attr: lv}))  # fmt: skip
     return jobs
 
@@ -286,7 +288,8 @@ def plan_quality(cfg: Config, specs: dict[str, ModelSpec], infos: dict[str, dict
         schema = schema_of(infos[name])
         attrs = schema.with_defaults(specs[name].attributes) if schema else None
         named = dict(specs[name].attributes or {})
+        sampling = model_sampling(cfg, name, infos[name])
         jobs += [
-            Job(name, p, attrs, generation_key(cfg, specs[name], p, attrs, infos[name]), named=named) for p in chosen
+            Job(name, p, attrs, generation_key(cfg, specs[name], p, attrs, sampling), named=named) for p in chosen
         ]
     return jobs, pairs, chosen
